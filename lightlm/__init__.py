@@ -1,0 +1,54 @@
+"""lightlm — the companion library of *Principles of LLMs and Lightweight Adaptation*.
+
+One short module per technique. ``import lightlm`` imports only torch and numpy; transformers, datasets,
+matplotlib and ipywidgets are imported inside the functions that need them.
+
+Modules: :mod:`lightlm.cost` (parameters, bytes, FLOPs, timing), :mod:`lightlm.zoo` (offline models and
+data), :mod:`lightlm.train` (seeding, a small training loop, metrics), :mod:`lightlm.plot` (shared figures),
+:mod:`lightlm.widgets` (interactive demos with a static fallback).
+"""
+
+from __future__ import annotations
+
+import platform
+
+from . import cost, plot, train, widgets, zoo
+from .train import seed_everything
+
+__version__ = "0.1.0"
+__all__ = ["cost", "plot", "train", "widgets", "zoo", "seed_everything", "setup", "versions", "__version__"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries a chapter depends on ('-' when not installed).
+
+    Looked up from the installed distributions' metadata, so nothing heavy is imported.
+    """
+    from importlib import metadata
+
+    found = {"python": platform.python_version(), "lightlm": __version__}
+    for name in ("torch", "transformers", "datasets", "peft", "numpy", "matplotlib"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "-"
+    return found
+
+
+def setup(seed: int = 0, *, quiet: bool = False) -> dict[str, str]:
+    """Prepare a chapter: seed every random generator and print the versions in use.
+
+    Called by the setup cell that opens every notebook.
+
+    Args:
+        seed: seed for Python's ``random``, NumPy and torch.
+        quiet: if True, print nothing.
+
+    Returns:
+        the versions dictionary (see :func:`versions`).
+    """
+    seed_everything(seed)
+    found = versions()
+    if not quiet:
+        print(" | ".join(f"{name} {version}" for name, version in found.items()) + f" | seed {seed}")
+    return found

@@ -1,0 +1,82 @@
+"""Shared figures, so chapters show pictures without plotting boilerplate (matplotlib is imported lazily)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+DEVICE_MEMORY_GB = {"laptop (16 GB)": 16, "RTX 4090 (24 GB)": 24, "H100 (80 GB)": 80}
+
+
+def _axes(ax: Any = None, figsize: tuple[float, float] = (6.4, 3.6)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax
+
+
+def memory_bars(table: dict[str, dict[str, float]], ax: Any = None, budgets: dict[str, float] | None = None):
+    """Grouped bars of weight memory (GB) per model size and dtype, log scale, with device budgets as lines.
+
+    Args:
+        table: ``{size: {dtype: GB}}``, as :func:`lightlm.cost.memory_table` returns.
+        budgets: ``{label: GB}`` horizontal reference lines (default: a laptop, a 24 GB and an 80 GB GPU).
+    """
+    if not table:
+        raise ValueError("table is empty")
+    ax = _axes(ax)
+    sizes = list(table)
+    dtypes = list(next(iter(table.values())))
+    width = 0.8 / len(dtypes)
+    for j, dtype in enumerate(dtypes):
+        xs = [i + (j - (len(dtypes) - 1) / 2) * width for i in range(len(sizes))]
+        bars = ax.bar(xs, [table[size][dtype] for size in sizes], width, label=dtype)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
+    for k, (label, gb) in enumerate((DEVICE_MEMORY_GB if budgets is None else budgets).items()):
+        ax.axhline(gb, color="0.4", lw=0.8, ls=(0, (4, 2 + k)))
+        ax.annotate(label, (len(sizes) - 0.5, gb), fontsize=7, ha="right", va="bottom", color="0.3")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(sizes)), [f"{s} parameters" for s in sizes])
+    ax.set_ylabel("weights only (GB)")
+    ax.legend(title="dtype", fontsize=8, ncols=len(dtypes))
+    return ax
+
+
+def latency_curves(
+    x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ax: Any = None, ylabel: str = "latency (ms)",
+    logx: bool = True, title: str | None = None,
+):
+    """Lines of latency (or any cost) against one varying quantity, one line per model."""
+    ax = _axes(ax)
+    for label, ys in series.items():
+        if len(ys) != len(x):
+            raise ValueError(f"series {label!r} has {len(ys)} points but x has {len(x)}")
+        ax.plot(x, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def parameter_breakdown(breakdowns: dict[str, dict[str, int]], ax: Any = None):
+    """Horizontal stacked bars: where each model's parameters sit (shares of the total, in %)."""
+    if not breakdowns:
+        raise ValueError("breakdowns is empty")
+    ax = _axes(ax, figsize=(6.4, 0.6 + 0.6 * len(breakdowns)))
+    parts = list(dict.fromkeys(part for parts in breakdowns.values() for part in parts))
+    left = [0.0] * len(breakdowns)
+    for part in parts:
+        shares = [100 * b.get(part, 0) / sum(b.values()) for b in breakdowns.values()]
+        bars = ax.barh(list(breakdowns), shares, left=left, label=part)
+        ax.bar_label(bars, labels=[f"{s:.0f}%" if s >= 4 else "" for s in shares], label_type="center", fontsize=8)
+        left = [l + s for l, s in zip(left, shares)]
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of parameters (%)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, ncols=min(4, len(parts)), loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(breakdowns)))
+    return ax

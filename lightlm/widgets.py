@@ -1,0 +1,48 @@
+"""Interactive demos. Each falls back to a static figure where ipywidgets is missing; in the built HTML the
+widget shows in its initial state (the kernel that would recompute it is gone), so chapters show the static
+figure beside it."""
+
+from __future__ import annotations
+
+from . import cost
+
+
+def memory_explorer(default_params: float = 7e9, default_dtype: str = "fp16", dtypes=("fp32", "fp16", "bf16", "int8", "int4")):
+    """A slider (parameters, log scale) and a dropdown (dtype) -> GB of weights and which devices hold them.
+
+    Returns:
+        an ``ipywidgets.VBox``; or, without ipywidgets, a static matplotlib figure of the same grid.
+    """
+    cost.bytes_per_param(default_dtype)  # validates the dtype name
+    if default_dtype not in dtypes:
+        raise ValueError(f"default_dtype {default_dtype!r} must be one of {dtypes}")
+    if not 1e6 <= default_params <= 1e12:
+        raise ValueError(f"default_params must be in [1e6, 1e12], got {default_params}")
+    try:
+        import ipywidgets as w
+    except ImportError:
+        from . import plot
+
+        sizes = {"1B": 1e9, "7B": 7e9, "70B": 70e9}
+        return plot.memory_bars(cost.memory_table(sizes, tuple(dtypes))).figure
+
+    size = w.FloatLogSlider(value=default_params, base=10, min=6, max=12, step=0.05, description="parameters",
+                            readout_format=".2e", continuous_update=True)
+    dtype = w.ToggleButtons(options=list(dtypes), value=default_dtype, description="dtype")
+    result = w.HTML()
+
+    def update(_=None) -> None:
+        gb = cost.weight_memory(size.value, dtype.value) / 1e9
+        fits = [name for name, cap in _DEVICES.items() if gb <= cap]
+        result.value = (
+            f"<b>{size.value / 1e9:.2f}B parameters × {cost.bytes_per_param(dtype.value):g} bytes = {gb:,.2f} GB</b>"
+            f" of weights &nbsp;·&nbsp; fits in: {', '.join(fits) if fits else 'no single device listed'}"
+        )
+
+    size.observe(update, names="value")
+    dtype.observe(update, names="value")
+    update()
+    return w.VBox([size, dtype, result])
+
+
+_DEVICES = {"phone (8 GB)": 8, "laptop (16 GB)": 16, "RTX 4090 (24 GB)": 24, "H100 (80 GB)": 80}
