@@ -1,0 +1,461 @@
+"""The built HTML renders offline: math, mermaid diagrams, figures, widgets, Colab links.
+
+Serves the built book (``_build/html``, or ``$LIGHTLM_HTML_DIR``) on 127.0.0.1 and renders the pages that
+need JavaScript in Debian's headless Chromium, one process per page, a few at a time. Every host name but
+127.0.0.1 is made unresolvable, so anything still loaded from a CDN fails here as it would offline.
+
+Without Chromium or a built book these tests skip and say how to get them; with LIGHTLM_REQUIRE_BROWSER=1
+(CI sets it) they fail instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+COLAB_PREFIX = "https://colab.research.google.com/github/"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# What MathJax leaves untouched is what it skips (and what a reader sees as code, not math).
+NOT_PROSE = {"script", "style", "noscript", "template", "textarea", "pre", "code", "head", "mjx-container"}
+RAW_TEX = ("$$", "\\[", "\\(", "\\begin{")
+# Pages Sphinx writes that are not the book's content.
+NOT_CONTENT = {"genindex.html", "search.html", "py-modindex.html"}
+VIRTUAL_TIME_MS = 10_000  # virtual: Chromium fast-forwards idle time, so this costs far less in real time
+PAGE_TIMEOUT_S = 90
+
+
+# --------------------------------------------------------------------------------------------------------
+# A small DOM: the standard library's HTMLParser builds the tree (no new dependency).
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
+        "track", "wbr"}
+
+
+class Node:
+    __slots__ = ("tag", "attrs", "children", "parent")
+
+    def __init__(self, tag: str, attrs: dict[str, str], parent: Node | None):
+        self.tag, self.attrs, self.children, self.parent = tag, attrs, [], parent
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    def iter(self):
+        yield self
+        for child in self.children:
+            if isinstance(child, Node):
+                yield from child.iter()
+
+    def find_all(self, tag: str | None = None, cls: str | None = None) -> list[Node]:
+        return [n for n in self.iter() if (tag is None or n.tag == tag) and (cls is None or cls in n.classes)]
+
+    def visible_text(self) -> str:
+        if self.tag in NOT_PROSE:
+            return ""
+        return "".join(c if isinstance(c, str) else c.visible_text() for c in self.children)
+
+
+class _TreeBuilder(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = self.current = Node("#document", {}, None)
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, {k: v or "" for k, v in attrs}, self.current)
+        self.current.children.append(node)
+        if tag not in VOID:
+            self.current = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.current.children.append(Node(tag, {k: v or "" for k, v in attrs}, self.current))
+
+    def handle_endtag(self, tag):
+        node = self.current
+        while node.parent is not None and node.tag != tag:
+            node = node.parent
+        if node.parent is not None:  # an end tag with no open element is ignored, as browsers do
+            self.current = node.parent
+
+    def handle_data(self, data):
+        self.current.children.append(data)
+
+
+def parse_html(text: str) -> Node:
+    builder = _TreeBuilder()
+    builder.feed(text)
+    builder.close()
+    return builder.root
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fixtures: the built book, a local server, Chromium, and the rendered pages.
+
+def _unavailable(reason: str):
+    if os.environ.get("LIGHTLM_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (LIGHTLM_REQUIRE_BROWSER=1, so this fails instead of skipping)")
+    pytest.skip(reason)
+
+
+@dataclass(repr=False)
+class Page:
+    rel: str  # path relative to the site root, with "/"
+    static: Node  # the HTML as built
+    rendered: Node | None = None  # the DOM after Chromium ran its scripts (pages that need it)
+    console: list[str] = field(default_factory=list)  # what the page logged (for failure messages)
+    error: str = ""  # why it could not be rendered
+
+    def __repr__(self) -> str:
+        return f"Page({self.rel!r})"
+
+    @property
+    def has_math(self) -> bool:
+        return bool(self.static.find_all(cls="math"))
+
+    @property
+    def has_mermaid(self) -> bool:
+        return bool(self.static.find_all(cls="mermaid"))
+
+    @property
+    def has_widget_state(self) -> bool:
+        return any(s.attrs.get("type") == WIDGET_STATE for s in self.static.find_all("script"))
+
+    @property
+    def is_chapter(self) -> bool:
+        return self.rel.startswith("notebooks/")
+
+    @property
+    def needs_browser(self) -> bool:
+        return self.has_math or self.has_mermaid or self.has_widget_state
+
+
+@pytest.fixture(scope="module")
+def html_dir() -> Path:
+    env = os.environ.get("LIGHTLM_HTML_DIR")
+    path = Path(env).resolve() if env else ROOT / "_build" / "html"
+    if not (path / "index.html").is_file():
+        _unavailable(
+            f"no built book at {path} (no index.html): build it with `bash scripts/book.sh` "
+            "(or `jupyter-book build .`), or point LIGHTLM_HTML_DIR at a build's _build/html"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def pages(html_dir) -> dict[str, Page]:
+    result = {}
+    for path in sorted(html_dir.rglob("*.html")):
+        rel = path.relative_to(html_dir).as_posix()
+        if rel in NOT_CONTENT or rel.split("/")[0].startswith("_"):
+            continue
+        tree = parse_html(path.read_text(encoding="utf-8"))
+        if any(m.attrs.get("http-equiv", "").lower() == "refresh" for m in tree.find_all("meta")):
+            continue  # the root index.html only redirects to the first page
+        result[rel] = Page(rel, tree)
+    assert result, f"{html_dir} holds no content pages"
+    return result
+
+
+@pytest.fixture(scope="module")
+def chapters(pages) -> list[Page]:
+    return [p for p in pages.values() if p.is_chapter]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    candidates = [os.environ.get("LIGHTLM_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium",
+                  shutil.which("chromium-browser")]
+    for exe in candidates:
+        if exe and os.access(exe, os.X_OK):
+            return exe
+    _unavailable("headless Chromium not found: `apt-get install -y chromium` (Debian), "
+                 "or set LIGHTLM_CHROMIUM to a Chromium binary")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    log: list[tuple[str, int]]  # set per server: (path, status) of every request
+
+    def log_request(self, code="-", size="-"):
+        try:
+            self.log.append((self.path, int(code)))
+        except (TypeError, ValueError):
+            self.log.append((self.path, 0))
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(html_dir):
+    handler = type("Handler", (_QuietHandler,), {"log": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(html_dir)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", handler.log
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _render(chromium: str, url: str) -> tuple[str, list[str], str]:
+    """Load url in a fresh headless Chromium; return (DOM after scripts ran, console lines, error)."""
+    with tempfile.TemporaryDirectory(prefix="lightlm-chromium-") as profile:
+        cmd = [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+            # Offline, as a reader without network: every host but the local server fails to resolve.
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--window-size=1200,900", "--enable-logging=stderr", "--v=0",
+            f"--virtual-time-budget={VIRTUAL_TIME_MS}", "--dump-dom", url,
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PAGE_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return "", [], f"Chromium did not finish within {PAGE_TIMEOUT_S} s"
+    console = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    if proc.returncode != 0 or "<html" not in proc.stdout:
+        tail = "\n".join(proc.stderr.splitlines()[-5:])
+        return "", console, f"Chromium exited {proc.returncode} with no DOM: {tail}"
+    return proc.stdout, console, ""
+
+
+@pytest.fixture(scope="module")
+def rendered(pages, chromium, server) -> dict[str, Page]:
+    """Every page that has math, mermaid or widget state, rendered; a few Chromiums at a time."""
+    base, _ = server
+    todo = [p for p in pages.values() if p.needs_browser]
+
+    def work(page: Page):
+        dom, page.console, page.error = _render(chromium, urljoin(base, page.rel))
+        page.rendered = parse_html(dom) if dom else None
+
+    workers = max(2, min(4, os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(work, todo))
+    return {p.rel: p for p in todo}
+
+
+def _why(page: Page) -> str:
+    """The render error or the page's own console errors, for a failure message."""
+    if page.error:
+        return f"    {page.error}"
+    errors = [c for c in page.console if re.search(r"error|uncaught|failed", c, re.I)]
+    return "\n".join(f"    console: {c[:300]}" for c in errors[:5])
+
+
+def _report(failures: list[str]) -> str:
+    return "\n".join(failures)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The book has what these tests look at.
+
+def test_the_book_has_chapter_pages(chapters):
+    assert chapters, "no chapter pages (notebooks/*.html) in the build: are the notebooks in _toc.yml?"
+
+
+def test_the_book_has_at_least_one_mermaid_diagram(pages):
+    assert any(p.has_mermaid for p in pages.values()), "no page of the book has a mermaid diagram"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Math.
+
+def test_math_is_typeset_on_every_page_that_has_math(rendered):
+    failures = []
+    for page in rendered.values():
+        if not page.has_math:
+            continue
+        if page.rendered is None:
+            failures.append(f"{page.rel}: not rendered\n{_why(page)}")
+            continue
+        maths = page.rendered.find_all(cls="math")
+        untypeset = [m for m in maths if not m.find_all("mjx-container")]
+        if not maths or untypeset:
+            sample = untypeset[0].visible_text().strip()[:80] if untypeset else ""
+            failures.append(f"{page.rel}: {len(untypeset)} of {len(maths)} math elements not typeset "
+                            f"by MathJax (first: {sample!r})\n{_why(page)}")
+    assert not failures, _report(failures)
+
+
+def test_no_math_has_a_tex_error(rendered):
+    failures = []
+    for page in rendered.values():
+        if page.rendered is not None:
+            errors = page.rendered.find_all("mjx-merror")
+            if errors:
+                failures.append(f"{page.rel}: {len(errors)} TeX error(s), first: "
+                                f"{errors[0].attrs.get('data-mjx-error', '')!r}")
+    assert not failures, _report(failures)
+
+
+def test_no_raw_tex_is_left_in_the_visible_text_of_any_page(pages, rendered):
+    failures = []
+    for page in pages.values():
+        # A page with no math, diagram or widget loads no script that could change its text.
+        tree = page.rendered if page.needs_browser else page.static
+        if tree is None:
+            failures.append(f"{page.rel}: not rendered\n{_why(page)}")
+            continue
+        text = tree.visible_text()
+        found = [d for d in RAW_TEX if d in text]
+        if found:
+            at = text.find(found[0])
+            failures.append(f"{page.rel}: raw {found} in the text, e.g. {text[max(0, at - 40):at + 60]!r}")
+    assert not failures, _report(failures)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Mermaid.
+
+def test_every_mermaid_diagram_is_rendered_to_svg(rendered):
+    failures = []
+    for page in rendered.values():
+        if not page.has_mermaid:
+            continue
+        if page.rendered is None:
+            failures.append(f"{page.rel}: not rendered\n{_why(page)}")
+            continue
+        blocks = page.rendered.find_all(cls="mermaid")
+        bare = [b for b in blocks if not b.find_all("svg")]
+        if not blocks or bare:
+            failures.append(f"{page.rel}: {len(bare)} of {len(blocks)} mermaid blocks have no <svg>\n{_why(page)}")
+    assert not failures, _report(failures)
+
+
+def test_no_mermaid_diagram_renders_as_a_syntax_error(rendered):
+    failures = []
+    for page in rendered.values():
+        if page.rendered is None:
+            continue
+        for block in page.rendered.find_all(cls="mermaid"):
+            if any(s.attrs.get("aria-roledescription") == "error" for s in block.find_all("svg")):
+                source = block.attrs.get("data-original-code", "").strip()[:60]
+                failures.append(f"{page.rel}: mermaid shows its error diagram for {source!r}")
+    assert not failures, _report(failures)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Widgets.
+
+def test_widgets_render_on_every_page_that_embeds_widget_state(rendered):
+    failures = []
+    for page in rendered.values():
+        if not page.has_widget_state:
+            continue
+        if page.rendered is None:
+            failures.append(f"{page.rel}: not rendered\n{_why(page)}")
+            continue
+        views = [s for s in page.rendered.find_all("script") if s.attrs.get("type") == WIDGET_VIEW]
+        missing = [v for v in views if v.parent is None or not v.parent.find_all(cls="jupyter-widgets")]
+        if not views or missing:
+            failures.append(f"{page.rel}: {len(missing)} of {len(views)} widget views not rendered "
+                            f"(no .jupyter-widgets element beside them)\n{_why(page)}")
+    assert not failures, _report(failures)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Figures and links of the chapter pages.
+
+def _local_target(html_dir: Path, page_rel: str, url: str) -> Path | None:
+    """The file a relative URL on page_rel points at, or None for a URL that leaves the site."""
+    parts = urlsplit(url)
+    if parts.scheme or parts.netloc:
+        return None
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(page_rel), unquote(parts.path)))
+    return html_dir / path
+
+
+def test_every_chapter_page_has_a_figure(chapters):
+    failures = []
+    for page in chapters:
+        article = (page.static.find_all("article") or page.static.find_all("main") or [page.static])[0]
+        if not article.find_all("img"):
+            failures.append(f"{page.rel}: no <img> in the chapter's text")
+    assert chapters and not failures, _report(failures) or "no chapter pages"
+
+
+def test_every_image_on_a_chapter_page_is_a_file_in_the_build(chapters, html_dir):
+    failures = []
+    for page in chapters:
+        for img in page.static.find_all("img"):
+            src = img.attrs.get("src", "")
+            if src.startswith("data:image/"):
+                continue
+            target = _local_target(html_dir, page.rel, src)
+            if target is None or not target.is_file():
+                failures.append(f"{page.rel}: <img src={src!r}> is not a file in the build")
+    assert not failures, _report(failures)
+
+
+def _colab_links(page: Page) -> list[str]:
+    return [a.attrs["href"] for a in page.static.find_all("a") if a.attrs.get("href", "").startswith(COLAB_PREFIX)]
+
+
+def test_every_chapter_page_links_to_colab(chapters):
+    missing = [p.rel for p in chapters if not _colab_links(p)]
+    assert chapters and not missing, f"no link starting with {COLAB_PREFIX} on: {missing or 'no chapter pages'}"
+
+
+def test_no_colab_link_has_a_dot_segment(chapters):
+    bad = [f"{p.rel}: {href}" for p in chapters for href in _colab_links(p) if "/./" in href]
+    assert not bad, "Colab links with '/./' (leave repository.path_to_book unset):\n" + _report(bad)
+
+
+def test_each_chapters_colab_link_opens_its_own_notebook(chapters):
+    bad = []
+    for page in chapters:
+        own = page.rel[: -len(".html")] + ".ipynb"
+        bad += [f"{page.rel}: {href}" for href in _colab_links(page) if not href.endswith("/" + own)]
+    assert not bad, "Colab links that do not end with the page's own notebook:\n" + _report(bad)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Nothing comes from elsewhere, nothing is missing.
+
+_REMOTE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.I)
+_REMOTE_IMPORT = re.compile(r"""(?:\bfrom\s*|\bimport\s*\(\s*)["']((?:https?:)?//[^"']*)""")
+
+
+def test_no_page_loads_a_script_or_stylesheet_from_another_host(pages):
+    failures = []
+    for page in pages.values():
+        for node in page.static.iter():
+            if node.tag == "script":
+                url = node.attrs.get("src", "")
+                imported = _REMOTE_IMPORT.search("".join(c for c in node.children if isinstance(c, str)))
+                if _REMOTE.match(url) or imported:
+                    failures.append(f"{page.rel}: <script> loads {url if _REMOTE.match(url) else imported.group(1)}")
+            elif node.tag == "link" and "stylesheet" in node.attrs.get("rel", "").split():
+                if _REMOTE.match(node.attrs.get("href", "")):
+                    failures.append(f"{page.rel}: stylesheet {node.attrs['href']}")
+    assert not failures, _report(failures)
+
+
+def test_rendering_requests_no_missing_file(rendered, server):
+    _, log = server
+    missing = sorted({path for path, status in log if status >= 400 and urlsplit(path).path != "/favicon.ico"})
+    assert rendered and not missing, (
+        "requests that failed while rendering:\n" + _report(missing) if missing else "nothing was rendered"
+    )

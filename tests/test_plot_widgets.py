@@ -1,0 +1,58 @@
+"""lightlm.plot and lightlm.widgets: figures hold the data they are given; the widget recomputes."""
+
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+
+from lightlm import cost, plot, widgets
+
+
+def test_memory_bars_draw_one_bar_per_size_and_dtype():
+    table = cost.memory_table()
+    ax = plot.memory_bars(table)
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == sorted(round(v, 6) for row in table.values() for v in row.values())
+    assert ax.get_yscale() == "log"
+
+
+def test_latency_curves_and_breakdown_hold_their_data():
+    ax = plot.latency_curves([1, 2, 4], {"a": [1.0, 2.0, 4.0], "b": [1.0, 1.5, 2.0]}, "batch size")
+    assert [list(line.get_ydata()) for line in ax.lines] == [[1.0, 2.0, 4.0], [1.0, 1.5, 2.0]]
+    ax = plot.parameter_breakdown({"m": {"embeddings": 30, "layers": 70}})
+    assert sorted(round(p.get_width()) for p in ax.patches) == [30, 70]
+
+
+def test_plots_reject_inconsistent_data():
+    with pytest.raises(ValueError, match="has 2 points"):
+        plot.latency_curves([1, 2, 4], {"a": [1.0, 2.0]}, "batch size")
+    with pytest.raises(ValueError):
+        plot.memory_bars({})
+    with pytest.raises(ValueError):
+        plot.parameter_breakdown({})
+
+
+def test_memory_explorer_recomputes_when_the_controls_move():
+    box = widgets.memory_explorer(default_params=7e9, default_dtype="fp16")
+    size, dtype, result = box.children
+    assert "14.00 GB" in result.value
+    dtype.value = "int4"
+    assert "3.50 GB" in result.value
+    size.value = 70e9
+    assert "35.00 GB" in result.value and "H100" in result.value
+
+
+def test_memory_explorer_falls_back_to_a_static_figure_without_ipywidgets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # makes `import ipywidgets` raise ImportError
+    figure = widgets.memory_explorer()
+    assert isinstance(figure, matplotlib.figure.Figure)
+    assert len(figure.axes[0].patches) == 3 * 5
+
+
+@pytest.mark.parametrize("kwargs", [{"default_dtype": "int3"}, {"default_dtype": "nf4"}, {"default_params": 10}])
+def test_memory_explorer_rejects_bad_defaults(kwargs):
+    with pytest.raises(ValueError):
+        widgets.memory_explorer(**kwargs)
