@@ -35,7 +35,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def setup(seed: int = 0, *, quiet: bool = False) -> dict[str, str]:
+def setup(seed: int = 0, *, quiet: bool = False) -> None:
     """Prepare a chapter: seed every random generator and print the versions in use.
 
     Called by the setup cell that opens every notebook.
@@ -44,11 +44,8 @@ def setup(seed: int = 0, *, quiet: bool = False) -> dict[str, str]:
         seed: seed for Python's ``random``, NumPy and torch.
         quiet: if True, print nothing.
 
-    Returns:
-        the versions dictionary (see :func:`versions`).
+    Returns nothing, so that the setup cell shows only the printed line; see :func:`versions`.
     """
     seed_everything(seed)
-    found = versions()
     if not quiet:
-        print(" | ".join(f"{name} {version}" for name, version in found.items()) + f" | seed {seed}")
-    return found
+        print(" | ".join(f"{name} {version}" for name, version in versions().items()) + f" | seed {seed}")

@@ -52,6 +52,37 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     }
 
 
+def parameter_groups(model: nn.Module) -> dict[str, int]:
+    """Where a Transformer's parameters sit: ``embeddings``, ``attention``, ``mlp``, ``norms``, ``other``.
+
+    Grouped by the module that owns each tensor: ``nn.Embedding`` -> embeddings; a normalisation layer (class
+    name containing "Norm") -> norms; a module whose qualified name contains "attention" or "attn" ->
+    attention; any other Linear/Conv1D inside a layer ("layer"/"layers"/"h"/"block" in the name) -> mlp;
+    the rest (poolers, untied heads) -> other. Shared tensors are counted once, with their first owner.
+    """
+    _check_module(model)
+    groups = dict.fromkeys(("embeddings", "attention", "mlp", "norms", "other"), 0)
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        for tensor in module.parameters(recurse=False):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            parts = set(name.lower().split("."))
+            if isinstance(module, nn.Embedding):
+                group = "embeddings"
+            elif "norm" in type(module).__name__.lower():
+                group = "norms"
+            elif "attention" in name.lower() or "attn" in name.lower():
+                group = "attention"
+            elif parts & {"layer", "layers", "h", "block", "blocks"}:
+                group = "mlp"
+            else:
+                group = "other"
+            groups[group] += tensor.numel()
+    return groups
+
+
 def _get(config: Any, *names: str) -> Any:
     for name in names:
         value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)

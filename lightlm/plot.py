@@ -34,7 +34,7 @@ def memory_bars(table: dict[str, dict[str, float]], ax: Any = None, budgets: dic
         ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
     for k, (label, gb) in enumerate((DEVICE_MEMORY_GB if budgets is None else budgets).items()):
         ax.axhline(gb, color="0.4", lw=0.8, ls=(0, (4, 2 + k)))
-        ax.annotate(label, (len(sizes) - 0.5, gb), fontsize=7, ha="right", va="bottom", color="0.3")
+        ax.annotate(label, (-0.45, gb), fontsize=7, ha="left", va="bottom", color="0.3")
     ax.set_yscale("log")
     ax.set_xticks(range(len(sizes)), [f"{s} parameters" for s in sizes])
     ax.set_ylabel("weights only (GB)")
@@ -80,3 +80,24 @@ def parameter_breakdown(breakdowns: dict[str, dict[str, int]], ax: Any = None):
     ax.invert_yaxis()
     ax.legend(fontsize=8, ncols=min(4, len(parts)), loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(breakdowns)))
     return ax
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ",.3g"):
+    """A results table rendered as Markdown in notebooks and in the built book.
+
+    Integers get thousands separators, floats ``floatfmt``; strings pass through. Returns an
+    ``IPython.display.Markdown`` object (display it, or let it be a cell's last value).
+    """
+    from IPython.display import Markdown
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)
+        return f"{value:,}" if isinstance(value, int) else format(value, floatfmt)
+
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row!r} has {len(row)} cells but there are {len(headers)} headers")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return Markdown("\n".join(lines))

@@ -13,15 +13,16 @@
 #   DEST/mermaid/mermaid.esm.min.mjs                   mermaid_use_local: ../mermaid/mermaid.esm.min.mjs
 #   DEST/mermaid/chunks/mermaid.esm.min/*.mjs          (ES modules imported by the one above)
 #   DEST/widgets/require.js                            nb_ipywidgets_js: ../widgets/require.js
-#   DEST/widgets/require-config.js (written here)     nb_ipywidgets_js: ../widgets/require-config.js
+#   DEST/widgets/require-config.js (written here)      nb_ipywidgets_js: ../widgets/require-config.js
 #   DEST/widgets/embed-amd.js (+ its icon fonts)       nb_ipywidgets_js: ../widgets/embed-amd.js
 #
 # (The "../" is there because Sphinx resolves these paths against _static/.)
 # Never put these under _static/: Jupyter Book 1 would then add every .js file found there to every page.
 #
 # Idempotent: when DEST/.versions already lists these exact versions (and this script has not changed) and
-# every file is there it does nothing (FORCE=1 fetches again). The tarballs are downloaded with `npm pack` (no dependencies, no install scripts;
-# npm checks each tarball against the registry's integrity hash) into a temporary folder that is removed.
+# every file is there it does nothing (FORCE=1 fetches again). The tarballs are downloaded with `npm pack`
+# (no dependencies, no install scripts; npm checks each tarball against the registry's integrity hash) into
+# a temporary folder that is removed.
 set -euo pipefail
 
 MATHJAX=mathjax@3.2.2

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
             continue
         stale.append(path.name)
         if not check:
-            cell = {"cell_type": "code", "execution_count": None, "metadata": {"tags": ["setup"]},
+            cell = {"cell_type": "code", "execution_count": None, "id": "setup", "metadata": {"tags": ["setup"]},
                     "outputs": [], "source": source.splitlines(keepends=True)}
             if first is not None and first["cell_type"] == "code" and "setup" in first.get("metadata", {}).get("tags", []):
                 nb["cells"][0] = cell

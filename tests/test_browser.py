@@ -192,6 +192,9 @@ def chromium() -> str:
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     log: list[tuple[str, int]]  # set per server: (path, status) of every request
+    # Browsers run an ES module (mermaid's .mjs) only when served as JavaScript; not every Python knows .mjs.
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                      ".js": "text/javascript", ".mjs": "text/javascript", ".woff2": "font/woff2"}
 
     def log_request(self, code="-", size="-"):
         try:
@@ -250,7 +253,7 @@ def rendered(pages, chromium, server) -> dict[str, Page]:
         dom, page.console, page.error = _render(chromium, urljoin(base, page.rel))
         page.rendered = parse_html(dom) if dom else None
 
-    workers = max(2, min(4, os.cpu_count() or 2))
+    workers = max(2, min(4, os.cpu_count() or 2))  # CPU-bound: more than the cores does not help
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(work, todo))
     return {p.rel: p for p in todo}

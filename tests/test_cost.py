@@ -73,6 +73,25 @@ def test_non_embedding_count_leaves_out_the_embedding_tables(minilm):
     assert cost.count_parameters(model, non_embedding=True) == MINILM_L6_H384 - tables
 
 
+def test_parameter_groups_partition_minilm_by_hand_count(minilm):
+    _, model = minilm
+    groups = cost.parameter_groups(model)
+    assert sum(groups.values()) == MINILM_L6_H384
+    d, ffn, layers = 384, 1536, 6
+    assert groups["embeddings"] == (30522 + 512 + 2) * d
+    assert groups["attention"] == layers * 4 * (d * d + d)
+    assert groups["mlp"] == layers * (2 * d * ffn + ffn + d)
+    assert groups["norms"] == 2 * d * (2 * layers + 1)
+    assert groups["other"] == d * d + d  # the pooler
+
+
+def test_parameter_groups_count_a_tied_head_once(smollm2):
+    _, model = smollm2
+    groups = cost.parameter_groups(model)
+    assert sum(groups.values()) == SMOLLM2_135M
+    assert groups["embeddings"] == 49152 * 576 and groups["other"] == 0
+
+
 def test_trainable_only_counts_parameters_that_require_grad():
     model = nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 3))
     model[0].requires_grad_(False)
@@ -143,6 +162,22 @@ def test_flops_per_token_matches_torch_flop_counter_on_minilm(minilm, batch, seq
     per_token = cost.flops_per_token(cost.matmul_params(model.encoder), c.num_hidden_layers, seq, c.hidden_size)
     pooler = 2 * cost.matmul_params(model.pooler)  # the pooler sees one token per sequence
     assert counter.get_total_flops() == batch * seq * per_token + batch * pooler
+
+
+def test_flops_per_token_matches_torch_flop_counter_on_smollm2(smollm2):
+    import copy
+
+    _, model = smollm2
+    model = copy.deepcopy(model)
+    model.set_attn_implementation("eager")
+    batch, seq = 2, 16
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=torch.randint(100, 1000, (batch, seq)))
+    c = model.config
+    d_attn = c.num_attention_heads * (c.hidden_size // c.num_attention_heads)
+    # grouped-query attention shares K/V heads, but every query head still scores every key
+    per_token = cost.flops_per_token(cost.matmul_params(model), c.num_hidden_layers, seq, d_attn)
+    assert counter.get_total_flops() == batch * seq * per_token
 
 
 def test_benchmark_reports_median_and_ratio_of_two_callables():

@@ -38,7 +38,8 @@ def test_pyproject_uses_loose_lower_bounds_so_colab_keeps_its_torch():
 def test_setup_prints_versions_and_seeds(capsys):
     import torch
 
-    found = lightlm.setup(seed=7)
+    found = lightlm.versions()
+    assert lightlm.setup(seed=7) is None
     first = torch.rand(2)
     lightlm.setup(seed=7, quiet=True)
     assert torch.equal(first, torch.rand(2))

@@ -56,3 +56,10 @@ def test_memory_explorer_falls_back_to_a_static_figure_without_ipywidgets(monkey
 def test_memory_explorer_rejects_bad_defaults(kwargs):
     with pytest.raises(ValueError):
         widgets.memory_explorer(**kwargs)
+
+
+def test_table_formats_integers_floats_and_text():
+    md = plot.table(["model", "params", "ms"], [("MiniLM", 22713216, 12.345)]).data
+    assert md.splitlines() == ["| model | params | ms |", "|---|---|---|", "| MiniLM | 22,713,216 | 12.3 |"]
+    with pytest.raises(ValueError, match="3 headers"):
+        plot.table(["a", "b", "c"], [(1, 2)])
