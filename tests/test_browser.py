@@ -164,8 +164,8 @@ def pages(html_dir) -> dict[str, Page]:
     result = {}
     for path in sorted(html_dir.rglob("*.html")):
         rel = path.relative_to(html_dir).as_posix()
-        if rel in NOT_CONTENT or rel.split("/")[0].startswith("_"):
-            continue
+        if rel in NOT_CONTENT or rel.split("/")[0].startswith(("_", ".")):
+            continue  # Sphinx's own pages, _static/, and stale copies of hidden folders
         tree = parse_html(path.read_text(encoding="utf-8"))
         if any(m.attrs.get("http-equiv", "").lower() == "refresh" for m in tree.find_all("meta")):
             continue  # the root index.html only redirects to the first page
