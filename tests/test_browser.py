@@ -329,6 +329,15 @@ def test_no_raw_tex_is_left_in_the_visible_text_of_any_page(pages, rendered):
     assert not failures, _report(failures)
 
 
+_RAW_TABLE_RULE = re.compile(r"\|\s*:?-{3,}:?\s*\|")  # the |---|---| line of a Markdown table
+
+
+def test_no_markdown_table_is_left_as_raw_text_on_any_page(pages):
+    # e.g. a cell's Markdown output (lightlm.plot.table) parsed as CommonMark, which has no tables
+    bad = [p.rel for p in pages.values() if _RAW_TABLE_RULE.search(p.static.visible_text())]
+    assert not bad, f"raw Markdown tables ('|---|') in the text of: {bad} (nb_render_markdown_format: myst?)"
+
+
 # --------------------------------------------------------------------------------------------------------
 # Mermaid.
 
