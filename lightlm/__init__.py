@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import platform
 
-from . import cost, plot, train, widgets, zoo
+import importlib
+
 from .train import seed_everything
 
 __version__ = "0.1.0"
-__all__ = ["cost", "plot", "train", "widgets", "zoo", "seed_everything", "setup", "versions", "__version__"]
+_SUBMODULES = ("cost", "plot", "train", "widgets", "zoo")
+__all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]
+
+
+def __getattr__(name: str):
+    """Import submodules on first use (``lightlm.zoo``), so ``python -m lightlm.zoo`` runs it only once."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def versions() -> dict[str, str]:

@@ -7,4 +7,6 @@ bash scripts/book.sh
 VENV=${LIGHTLM_VENV:-$(pwd)/.venv}
 export PATH="$VENV/bin:$PATH"
 printf '\n== running the tests (pytest)\n'
-python -m pytest tests notebooks --nbval-lax -n 2 --dist loadfile "$@"
+# One process: the notebooks time things, and two workers of two torch threads each on two cores would
+# oversubscribe the CPU and distort those timings.
+python -m pytest tests notebooks --nbval-lax "$@"
