@@ -37,6 +37,10 @@ import lightlm
 lightlm.setup(seed=0)'''
 
 
+# "hide-cell" folds the cell and its output in the HTML book (readers of the page need not install anything).
+SETUP_TAGS = ["setup", "hide-cell"]
+
+
 def repository() -> tuple[str, str]:
     import yaml
 
@@ -59,11 +63,12 @@ def main(argv: list[str]) -> int:
     for path in notebooks():
         nb = json.loads(path.read_text())
         first = nb["cells"][0] if nb["cells"] else None
-        if first is not None and first["cell_type"] == "code" and "".join(first["source"]) == source:
+        if (first is not None and first["cell_type"] == "code" and "".join(first["source"]) == source
+                and first.get("metadata", {}).get("tags") == SETUP_TAGS):
             continue
         stale.append(path.name)
         if not check:
-            cell = {"cell_type": "code", "execution_count": None, "id": "setup", "metadata": {"tags": ["setup"]},
+            cell = {"cell_type": "code", "execution_count": None, "id": "setup", "metadata": {"tags": SETUP_TAGS},
                     "outputs": [], "source": source.splitlines(keepends=True)}
             if first is not None and first["cell_type"] == "code" and "setup" in first.get("metadata", {}).get("tags", []):
                 nb["cells"][0] = cell

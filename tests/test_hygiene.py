@@ -61,11 +61,12 @@ def test_notebook_name_is_number_and_topic(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_opens_with_the_shared_setup_cell(path):
-    expected = _load_script("sync_setup_cell").setup_cell_source()
+    script = _load_script("sync_setup_cell")
     first = _cells(path)[0]
-    assert first["cell_type"] == "code" and "".join(first["source"]) == expected, (
+    assert first["cell_type"] == "code" and "".join(first["source"]) == script.setup_cell_source(), (
         "run: python scripts/sync_setup_cell.py"
     )
+    assert first["metadata"].get("tags") == script.SETUP_TAGS
 
 
 def test_setup_cell_installs_from_the_configured_repository():
