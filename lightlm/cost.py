@@ -7,8 +7,11 @@ multiply and an add as two operations, as ``torch.utils.flop_counter`` does.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -247,6 +250,48 @@ def flops_per_token(n_matmul_params: int, n_layers: int = 0, context: int = 0, d
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     return 2 * n_matmul_params + 4 * n_layers * context * d_attn
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+@contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ side logs "profiler_start/stop" lines there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn()`` and return ``(result, peak_bytes)``: the largest amount of CPU tensor memory that was
+    live at once during the call, beyond what was allocated before it.
+
+    Measured with ``torch.profiler`` (``profile_memory=True``), which records the allocations and frees of
+    torch's CPU allocator op by op; the peak is the maximum of their running sum. A buffer that an operator
+    allocates and frees inside itself nets to zero at this granularity.
+    """
+    if not callable(fn):
+        raise TypeError("fn must be a callable taking no arguments")
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    # An allocation is reported by the innermost op that made it (and again by every enclosing op, which
+    # we skip); a free outside any op appears as a "[memory]" event. So: leaf events only.
+    events = [e for e in prof.events() if e.cpu_memory_usage and not e.cpu_children]
+    events.sort(key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.cpu_memory_usage  # positive for an allocation, negative for a free
+        peak = max(peak, live)
+    return result, peak
 
 
 # --------------------------------------------------------------------------- timing

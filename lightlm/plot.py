@@ -101,3 +101,36 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str =
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return Markdown("\n".join(lines))
+
+
+def attention_maps(weights: Any, tokens: Sequence[str], titles: Sequence[str] | None = None, ncols: int = 4,
+                   cell: float = 2.6):
+    """Heatmaps of attention weights, one panel per map: ``weights`` is (maps, queries, keys).
+
+    Rows are queries ("who is looking"), columns keys ("at what"); every row sums to 1.
+    Returns the matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    weights = weights.detach().cpu().float().numpy() if hasattr(weights, "detach") else weights
+    if len(weights.shape) != 3:
+        raise ValueError(f"weights must be (maps, queries, keys), got shape {tuple(weights.shape)}")
+    n_maps, n_queries, n_keys = weights.shape
+    if len(tokens) != n_keys or n_queries != n_keys:
+        raise ValueError(f"need square maps with one token per key: {n_queries}x{n_keys} maps, {len(tokens)} tokens")
+    if titles is not None and len(titles) != n_maps:
+        raise ValueError(f"{len(titles)} titles for {n_maps} maps")
+    ncols = min(ncols, n_maps)
+    nrows = -(-n_maps // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols + 0.6, cell * nrows + 0.6), squeeze=False,
+                             layout="constrained")
+    for index, ax in enumerate(axes.flat):
+        if index >= n_maps:
+            ax.axis("off")
+            continue
+        ax.imshow(weights[index], cmap="Blues", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(n_keys), tokens, rotation=90, fontsize=6)
+        ax.set_yticks(range(n_queries), tokens, fontsize=6)
+        if titles is not None:
+            ax.set_title(titles[index], fontsize=8)
+    return fig

@@ -180,6 +180,42 @@ def test_flops_per_token_matches_torch_flop_counter_on_smollm2(smollm2):
     assert counter.get_total_flops() == batch * seq * per_token
 
 
+def test_peak_memory_sees_a_large_temporary():
+    def make_and_drop():
+        big = torch.ones(1000, 1000)  # 4,000,000 bytes
+        return big.sum().item()
+
+    result, peak = cost.peak_memory(make_and_drop)
+    assert result == 1e6
+    assert 4_000_000 <= peak < 4_100_000
+
+
+def test_peak_memory_counts_what_is_live_at_once():
+    def sequential():
+        for _ in range(3):
+            x = torch.ones(250, 1000)  # 1 MB, freed before the next one is made
+            del x
+
+    def together():
+        kept = [torch.ones(250, 1000) for _ in range(3)]
+        return len(kept)
+
+    assert cost.peak_memory(sequential)[1] < 1_100_000
+    assert cost.peak_memory(together)[1] >= 3_000_000
+
+
+def test_peak_memory_shows_naive_attention_holds_the_score_matrix():
+    q = torch.randn(1, 4, 512, 32)
+    scores_bytes = 4 * 512 * 512 * 4
+
+    def naive():
+        return (q @ q.transpose(-2, -1)).softmax(-1) @ q
+
+    assert cost.peak_memory(naive)[1] >= scores_bytes
+    fused = cost.peak_memory(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))[1]
+    assert fused < scores_bytes
+
+
 def test_benchmark_reports_median_and_ratio_of_two_callables():
     calls = {"fast": 0, "slow": 0}
 
@@ -220,6 +256,7 @@ def test_benchmark_reports_median_and_ratio_of_two_callables():
         (lambda: cost.benchmark(lambda: None, warmup=-1), ValueError),
         (lambda: cost.benchmark("fn"), TypeError),
         (lambda: cost.format_bytes(-1), ValueError),
+        (lambda: cost.peak_memory("fn"), TypeError),
     ],
 )
 def test_rejects_bad_input_with_a_clear_error(call, error):

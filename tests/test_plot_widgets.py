@@ -63,3 +63,17 @@ def test_table_formats_integers_floats_and_text():
     assert md.splitlines() == ["| model | params | ms |", "|---|---|---|", "| MiniLM | 22,713,216 | 12.3 |"]
     with pytest.raises(ValueError, match="3 headers"):
         plot.table(["a", "b", "c"], [(1, 2)])
+
+
+def test_attention_maps_draw_one_panel_per_map_and_check_shapes():
+    import torch
+
+    weights = torch.softmax(torch.randn(3, 5, 5), dim=-1)
+    figure = plot.attention_maps(weights, list("abcde"), titles=["h0", "h1", "h2"], ncols=2)
+    images = [ax.images[0].get_array() for ax in figure.axes if ax.images]
+    assert len(images) == 3
+    assert abs(float(images[1].sum()) - 5.0) < 1e-5  # each of the 5 rows sums to one
+    with pytest.raises(ValueError, match="one token per key"):
+        plot.attention_maps(weights, list("abc"))
+    with pytest.raises(ValueError, match="maps, queries, keys"):
+        plot.attention_maps(weights[0], list("abcde"))

@@ -1,0 +1,307 @@
+"""Scaled dot-product attention, multi-head attention and tiled (FlashAttention-style) attention (chapter 2,
+"Attention and the Transformer").
+
+Masks follow ``torch.nn.functional.scaled_dot_product_attention``: a boolean mask is True where a query may
+attend to a key; a float mask is added to the scores (0 keeps a key, -inf removes it). A mask broadcasts to
+the score shape ``(..., L, S)``: L queries, S keys. ``is_causal`` lets query i see keys j <= i (the top-left
+aligned triangle, as torch does when L != S).
+
+A query whose keys are all masked (a fully masked row) gets weights 0 and output 0, never NaN: the "safe
+softmax" that torch 2.5+ uses on every SDPA backend, so we match torch there too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["scaled_dot_product_attention", "causal_mask", "padding_mask", "MultiHeadAttention", "tiled_attention"]
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_qkv(q, k, v) -> tuple[torch.Size, int, int]:
+    """Validate q (..., L, d_k), k (..., S, d_k), v (..., S, d_v); return (broadcast leading dims, L, S)."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., seq_len, dim), got {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k need the same last dim d_k: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v need the same length S: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    try:
+        batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"leading (batch, heads) dims of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            "do not broadcast"
+        ) from None
+    return batch_shape, q.shape[-2], k.shape[-2]
+
+
+def _check_options(q, mask, is_causal, scale) -> float:
+    """Validate mask/is_causal/scale; return the scale (1/√d_k by default)."""
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and mask is not None:
+        raise ValueError("give either mask or is_causal=True, not both (as torch's SDPA); "
+                         "combine them yourself: mask & causal_mask(L)")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"mask must be bool (True = may attend) or float (added to the scores), got {mask.dtype}")
+        if mask.is_floating_point() and mask.dtype != q.dtype:
+            raise TypeError(f"a float mask must have the dtype of q ({q.dtype}), got {mask.dtype}")
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a positive finite number or None (for 1/sqrt(d_k)), got {scale!r}")
+    return float(scale)
+
+
+def _check_mask_shape(mask, score_shape) -> None:
+    try:
+        fits = torch.broadcast_shapes(mask.shape, score_shape) == score_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
+                         f"{tuple(score_shape)} (..., L queries, S keys)")
+
+
+def _causal(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
+    """(L, S) bool, True where key j <= query i (top-left aligned, like torch's is_causal)."""
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril()
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """(L, L) bool mask, True on and below the diagonal: token i may attend to tokens 0..i (chapter 2)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+        raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    return _causal(seq_len, seq_len, device)
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, 1, S) bool mask from a Hugging Face style 0/1 ``attention_mask`` of shape (batch, S).
+
+    True where a key is a real token (may be attended), False at padding; it broadcasts over heads and
+    queries, to (batch, heads, L, S).
+    """
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must have shape (batch, seq_len), got {tuple(attention_mask.shape)}")
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    return attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, S)
+
+
+# --------------------------------------------------------------------------- scaled dot-product attention
+
+
+def _attention(q, k, v, mask, is_causal, scale, dropout_p=0.0):
+    batch_shape, L, S = _check_qkv(q, k, v)
+    scale = _check_options(q, mask, is_causal, scale)
+    if mask is not None:
+        _check_mask_shape(mask, torch.Size((*batch_shape, L, S)))
+    scores = (q @ k.transpose(-2, -1)) * scale  # QKᵀ/√d_k, (..., L, S)
+    if is_causal:
+        mask = _causal(L, S, q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))  # masked keys get score -inf, weight 0
+    elif mask is not None:
+        scores = scores + mask  # additive mask: 0 keeps, -inf removes
+    fully_masked = (scores == float("-inf")).all(-1, keepdim=True)  # (..., L, 1) rows with no key left
+    weights = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1)  # softmax over the S keys
+    weights = weights.masked_fill(fully_masked, 0.0)  # "safe softmax": such rows get weights 0, not NaN
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights  # softmax(QKᵀ/√d_k) V, (..., L, d_v)
+
+
+def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False, scale=None):
+    """softmax(QKᵀ/√d_k + M) V (chapter 2, "Attention and the Transformer", eq. (sdpa)).
+
+    Args:
+        q: queries (..., L, d_k), e.g. (batch, heads, L, d_head).
+        k: keys (..., S, d_k); S may differ from L (cross-attention).
+        v: values (..., S, d_v).
+        mask: None, bool (True = may attend) or float (added to the scores), broadcastable to (..., L, S).
+        is_causal: mask out keys j > i; not together with ``mask``.
+        scale: multiplies QKᵀ; default 1/√d_k.
+
+    Returns:
+        ``(out, weights)``: out (..., L, d_v) and the attention weights (..., L, S); each row sums to 1,
+        masked keys get exactly 0, and a row whose keys are all masked gets weights 0 and output 0.
+    """
+    return _attention(q, k, v, mask, is_causal, scale)
+
+
+# --------------------------------------------------------------------------- multi-head attention
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention (chapter 2, eq. (mha)): heads attend in d_model/n_heads-wide subspaces.
+
+    ``MHA(X) = concat(head_1, ..., head_h) W_O`` with ``head_i = softmax(Q_i K_iᵀ/√d_head) V_i`` and
+    ``Q = X W_Q``, ``K = X W_K``, ``V = X W_V``, as in BERT (``from_hf_bert`` copies a real layer's weights).
+
+    Args:
+        d_model: width of the input and output.
+        n_heads: number of heads; must divide d_model.
+        bias: whether the four projections have biases.
+        dropout: probability of dropping an attention weight, in training only.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("n_heads", n_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        self.dropout = float(dropout)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)  # W_Q
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)  # W_K
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)  # W_V
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W_O
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, d_head={self.d_head}, dropout={self.dropout}"
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        return x.view(batch, seq_len, self.n_heads, self.d_head).transpose(1, 2)  # (batch, heads, L, d_head)
+
+    def forward(self, x, mask=None, is_causal=False, need_weights=False):
+        """x (batch, L, d_model) -> ``(out, weights)``: out (batch, L, d_model); weights (batch, heads, L, L)
+        (those that multiplied V, so after dropout in training) if ``need_weights``, else None.
+
+        ``mask`` is bool (True = may attend) or float (added), broadcastable to (batch, heads, L, L), e.g.
+        ``padding_mask(attention_mask)`` or ``causal_mask(L)``.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (batch, seq_len, d_model={self.d_model}), got {tuple(x.shape)}")
+        batch, seq_len, _ = x.shape
+        if isinstance(mask, torch.Tensor):
+            _check_mask_shape(mask, torch.Size((batch, self.n_heads, seq_len, seq_len)))
+        q = self._split_heads(self.q_proj(x))  # Q = X W_Q, (batch, heads, L, d_head)
+        k = self._split_heads(self.k_proj(x))  # K = X W_K, (batch, heads, L, d_head)
+        v = self._split_heads(self.v_proj(x))  # V = X W_V, (batch, heads, L, d_head)
+        dropout_p = self.dropout if self.training else 0.0
+        heads, weights = _attention(q, k, v, mask, is_causal, None, dropout_p)  # (batch, heads, L, d_head)
+        concat = heads.transpose(1, 2).reshape(batch, seq_len, self.d_model)  # concat(head_1..head_h)
+        return self.out_proj(concat), (weights if need_weights else None)  # concat(...) W_O
+
+    @classmethod
+    def from_hf_bert(cls, bert_attention: nn.Module) -> "MultiHeadAttention":
+        """A copy of a Hugging Face ``BertAttention`` (``model.encoder.layer[i].attention``).
+
+        Takes W_Q, W_K, W_V from ``.self.query/.key/.value`` and W_O from ``.output.dense``; the residual
+        and LayerNorm of ``.output`` are not part of attention and stay behind. Same device, dtype and
+        train/eval mode as the source.
+        """
+        try:
+            self_attention, dense = bert_attention.self, bert_attention.output.dense
+            query, key, value = self_attention.query, self_attention.key, self_attention.value
+            n_heads = self_attention.num_attention_heads
+        except AttributeError:
+            raise TypeError(
+                f"expected a Hugging Face BertAttention (with .self.query/.key/.value and .output.dense), "
+                f"got {type(bert_attention).__name__}"
+            ) from None
+        d_model = query.in_features
+        if query.out_features != d_model or dense.out_features != d_model:
+            raise ValueError(f"attention width {query.out_features} differs from hidden size {d_model}; "
+                             "MultiHeadAttention needs them equal")
+        mha = cls(d_model, n_heads, bias=query.bias is not None, dropout=self_attention.dropout.p)
+        mha.to(device=query.weight.device, dtype=query.weight.dtype)
+        with torch.no_grad():
+            for ours, theirs in ((mha.q_proj, query), (mha.k_proj, key), (mha.v_proj, value), (mha.out_proj, dense)):
+                ours.weight.copy_(theirs.weight)
+                if ours.bias is not None:
+                    ours.bias.copy_(theirs.bias)
+        return mha.train(bert_attention.training)
+
+
+# --------------------------------------------------------------------------- tiled attention
+
+
+def _tile(mask, q0, q1, k0, k1):
+    """The (..., q1-q0, k1-k0) block of a mask that broadcasts to (..., L, S) (size-1 dims stay whole)."""
+    rows = slice(None) if mask.shape[-2] == 1 else slice(q0, q1)
+    cols = slice(None) if mask.shape[-1] == 1 else slice(k0, k1)
+    return mask[..., rows, cols]
+
+
+def tiled_attention(q, k, v, block_size=128, mask=None, is_causal=False, scale=None):
+    """softmax(QKᵀ/√d_k + M) V one tile at a time, with an online softmax (chapter 2, eq. (online-softmax);
+    Dao et al. 2022, "FlashAttention", algorithm 1).
+
+    Queries and keys are cut into blocks of ``block_size``; for each query block we sweep the key blocks and
+    keep, per query, the running max m, the running normaliser ℓ = Σ exp(s - m) and the unnormalised output
+    acc = Σ exp(s - m) v. When a new block raises the max, the old ℓ and acc are rescaled by exp(m_old - m_new).
+    Only (..., block, block) score tiles exist; never the (..., L, S) matrix. With ``is_causal``, key blocks
+    entirely above the diagonal are skipped. Same arguments and the same result as
+    :func:`scaled_dot_product_attention` (fully masked rows give 0), without the weights.
+    """
+    batch_shape, L, S = _check_qkv(q, k, v)
+    scale = _check_options(q, mask, is_causal, scale)
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if mask is not None:
+        _check_mask_shape(mask, torch.Size((*batch_shape, L, S)))
+        mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)  # at least (L or 1, S or 1)
+    q = q * scale  # scale Q once rather than every tile: (Q/√d_k) Kᵀ, (..., L, d_k)
+    k_t = k.transpose(-2, -1)  # Kᵀ, (..., d_k, S)
+    diagonal = _causal(block_size, block_size, q.device)  # the causal pattern of a tile on the diagonal
+    out = q.new_empty((*batch_shape, L, v.shape[-1]))  # (..., L, d_v)
+    for q0 in range(0, L, block_size):
+        q1 = min(q0 + block_size, L)
+        q_block = q[..., q0:q1, :]  # (..., Bq, d_k)
+        m = q.new_full((*batch_shape, q1 - q0, 1), float("-inf"))  # running max, (..., Bq, 1)
+        norm = q.new_zeros((*batch_shape, q1 - q0, 1))  # running normaliser ℓ, (..., Bq, 1)
+        acc = q.new_zeros((*batch_shape, q1 - q0, v.shape[-1]))  # Σ exp(s - m) v, (..., Bq, d_v)
+        k_end = min(q1, S) if is_causal else S  # causal: key blocks past the last query are all masked
+        for k0 in range(0, k_end, block_size):
+            k1 = min(k0 + block_size, S)
+            scores = q_block @ k_t[..., k0:k1]  # S_ij = Q_i K_jᵀ/√d_k, (..., Bq, Bk)
+            if is_causal and k1 > q0 + 1:  # a tile that crosses the diagonal (k0 == q0)
+                scores.masked_fill_(~diagonal[: q1 - q0, : k1 - k0], float("-inf"))
+            elif mask is not None and mask.dtype == torch.bool:
+                scores = scores.masked_fill(~_tile(mask, q0, q1, k0, k1), float("-inf"))
+            elif mask is not None:
+                scores = scores + _tile(mask, q0, q1, k0, k1)
+            m_new = torch.maximum(m, scores.amax(-1, keepdim=True))  # m_new = max(m_old, rowmax(S_ij))
+            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row with no key yet: keep exp finite
+            p = torch.exp(scores - m_safe)  # P_ij = exp(S_ij - m_new), (..., Bq, Bk)
+            rescale = torch.exp(m - m_safe)  # exp(m_old - m_new), (..., Bq, 1)
+            norm = rescale * norm + p.sum(-1, keepdim=True)  # ℓ_new = e^(m_old-m_new) ℓ_old + rowsum(P_ij)
+            acc = rescale * acc + p @ v[..., k0:k1, :]  # acc_new = e^(m_old-m_new) acc_old + P_ij V_j
+            m = m_new
+        out[..., q0:q1, :] = acc / norm.masked_fill(norm == 0, 1.0)  # O_i = acc / ℓ; fully masked rows: 0
+    return out

@@ -1,0 +1,169 @@
+"""Adam and AdamW written out (chapter 3, "Pre-training, fine-tuning, prompting, optimizers").
+
+Both are ``torch.optim.Optimizer`` subclasses with ``torch.optim``'s constructor signature, so they drop into
+any training loop, accept parameter groups and save/load with ``state_dict()``. The per-element arithmetic
+follows ``torch.optim.Adam``'s single-tensor path operation for operation (``lerp_`` for the first moment,
+``addcmul_`` for the second, one ``addcdiv_`` for the update), so on CPU the parameters they leave agree with
+torch's to the last bit, and the state they keep (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``)
+loads into torch's optimizers and back.
+
+For one parameter θ with gradient g_t at step t = 1, 2, ... (Kingma & Ba 2015), eq. (adam):
+
+    m_t = β1·m_{t-1} + (1 − β1)·g_t            v_t = β2·v_{t-1} + (1 − β2)·g_t²
+    m̂_t = m_t / (1 − β1^t)                      v̂_t = v_t / (1 − β2^t)
+    θ_t = θ_{t-1} − lr · m̂_t / (√v̂_t + ε)
+
+Weight decay λ enters the two optimizers differently (Loshchilov & Hutter 2019), eq. (adamw):
+``Adam`` adds an L2 term to the gradient, g_t ← g_t + λ·θ_{t-1}, which then passes through m and v and is
+divided by √v̂ like the rest of the gradient; ``AdamW`` decays the weights directly, θ ← θ − lr·λ·θ, before the
+Adam step, so every weight shrinks by the same factor (1 − lr·λ) whatever its gradient history.
+
+The update that a source article calls "AdamP" (Adam with "Pavlov's" momentum) is a Nesterov-style Adam, close
+to NAdam (Dozat 2016, ``torch.optim.NAdam``), not AdamP (Heo et al. 2021); see the errata.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, Callable, Iterable
+
+import torch
+
+__all__ = ["Adam", "AdamW"]
+
+
+def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: Any) -> None:
+    """Raise a ValueError/TypeError that names the argument, what it was and what is allowed."""
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if math.isnan(value) or math.isinf(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0 (it keeps m̂ / (√v̂ + ε) finite when v̂ = 0), got {eps}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, Real):
+            raise TypeError(f"betas[{index}] must be a real number, got {type(beta).__name__}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{index}] must be in [0, 1), got {beta}")
+    if not isinstance(amsgrad, bool):
+        raise TypeError(f"amsgrad must be True or False, got {amsgrad!r}")
+
+
+class Adam(torch.optim.Optimizer):
+    """Adam with L2 weight decay (chapter 3, eq. (adam)); same signature and results as ``torch.optim.Adam``.
+
+    Args:
+        params: an iterable of tensors, or of dicts defining parameter groups (each may override any of the
+            options below, e.g. ``[{"params": body, "lr": 1e-4}, {"params": head}]``).
+        lr: learning rate, >= 0.
+        betas: (β1, β2), each in [0, 1): decay rates of the first and second moment averages.
+        eps: ε > 0, added to √v̂ in the denominator.
+        weight_decay: λ >= 0; ``Adam`` adds λ·θ to the gradient (L2), ``AdamW`` decays θ by lr·λ·θ.
+        amsgrad: divide by the running maximum of v̂ instead of v̂ (Reddi et al. 2018).
+    """
+
+    decoupled_weight_decay = False  # Adam: L2 added to g; AdamW overrides this
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+    ) -> None:
+        _check_hyperparameters(lr, betas, eps, weight_decay, amsgrad)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (filled in from the defaults) after checking its options like the constructor's."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["amsgrad"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One update of every parameter that has a gradient; ``closure`` re-evaluates the loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, weight_decay, eps, amsgrad = group["lr"], group["weight_decay"], group["eps"], group["amsgrad"]
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients; "
+                                    "use torch.optim.SparseAdam")
+                self._update(param, param.grad, self.state[param], lr, beta1, beta2, eps, weight_decay, amsgrad)
+        return loss
+
+    def _update(self, param, grad, state, lr, beta1, beta2, eps, weight_decay, amsgrad) -> None:
+        if not state:  # lazy initialisation, with torch's names, so state_dicts are interchangeable
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # a tensor, as torch.optim keeps it
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)  # m_0 = 0
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)  # v_0 = 0
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = state["step"].item()  # t
+
+        if weight_decay != 0:
+            if self.decoupled_weight_decay:
+                param.mul_(1 - lr * weight_decay)  # θ ← θ − lr·λ·θ   (AdamW: decoupled, never divided by √v̂)
+            else:
+                grad = grad.add(param, alpha=weight_decay)  # g ← g + λ·θ   (Adam: L2 term joins the gradient)
+
+        # a complex number is updated as two real ones, as torch.optim does
+        param, grad, exp_avg, exp_avg_sq = map(_as_real, (param, grad, state["exp_avg"], state["exp_avg_sq"]))
+
+        exp_avg.lerp_(grad, 1 - beta1)  # m_t = β1·m_{t-1} + (1 − β1)·g_t   (as m + (1 − β1)·(g − m))
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v_t = β2·v_{t-1} + (1 − β2)·g_t²
+
+        bias_correction1 = 1 - beta1**step  # 1 − β1^t   (m̂_t = m_t / (1 − β1^t))
+        bias_correction2 = 1 - beta2**step  # 1 − β2^t   (v̂_t = v_t / (1 − β2^t))
+        step_size = lr / bias_correction1  # lr / (1 − β1^t): m̂'s correction folded into the step size
+        if amsgrad:
+            max_exp_avg_sq = _as_real(state["max_exp_avg_sq"])
+            torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)  # v_max = max(v_max, v_t)
+            exp_avg_sq = max_exp_avg_sq  # AMSGrad divides by the running maximum
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)  # √v̂_t + ε = √v_t / √(1 − β2^t) + ε
+        param.addcdiv_(exp_avg, denom, value=-step_size)  # θ_t = θ_{t-1} − lr · m̂_t / (√v̂_t + ε)
+
+
+def _as_real(tensor: torch.Tensor) -> torch.Tensor:
+    """A real view of a complex tensor (..., 2); a real tensor unchanged."""
+    return torch.view_as_real(tensor) if torch.is_complex(tensor) else tensor
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay (chapter 3, eq. (adamw)); same results as ``torch.optim.AdamW``.
+
+    Before each Adam step every weight shrinks, θ ← θ − lr·λ·θ; the decay never enters m or v and is not divided
+    by √v̂. The default ``weight_decay`` is 1e-2, as in ``torch.optim.AdamW``. Arguments as for :class:`Adam`.
+    """
+
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
