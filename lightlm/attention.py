@@ -263,9 +263,9 @@ def tiled_attention(q, k, v, block_size=128, mask=None, is_causal=False, scale=N
     Queries and keys are cut into blocks of ``block_size``; for each query block we sweep the key blocks and
     keep, per query, the running max m, the running normaliser ℓ = Σ exp(s - m) and the unnormalised output
     acc = Σ exp(s - m) v. When a new block raises the max, the old ℓ and acc are rescaled by exp(m_old - m_new).
-    Only (..., block, block) score tiles exist; never the (..., L, S) matrix. With ``is_causal``, key blocks
-    entirely above the diagonal are skipped. Same arguments and the same result as
-    :func:`scaled_dot_product_attention` (fully masked rows give 0), without the weights.
+    Only (batch·heads, block, block) score tiles exist; never the (..., L, S) matrix. With ``is_causal``,
+    key blocks entirely above the diagonal are skipped. Same arguments and result as
+    :func:`scaled_dot_product_attention` (fully masked rows give 0), without the weights; differentiable.
     """
     batch_shape, L, S = _check_qkv(q, k, v)
     scale = _check_options(q, mask, is_causal, scale)
@@ -276,32 +276,39 @@ def tiled_attention(q, k, v, block_size=128, mask=None, is_causal=False, scale=N
     if mask is not None:
         _check_mask_shape(mask, torch.Size((*batch_shape, L, S)))
         mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)  # at least (L or 1, S or 1)
-    q = q * scale  # scale Q once rather than every tile: (Q/√d_k) Kᵀ, (..., L, d_k)
-    k_t = k.transpose(-2, -1)  # Kᵀ, (..., d_k, S)
-    diagonal = _causal(block_size, block_size, q.device)  # the causal pattern of a tile on the diagonal
-    out = q.new_empty((*batch_shape, L, v.shape[-1]))  # (..., L, d_v)
+    d_k, d_v = q.shape[-1], v.shape[-1]
+    # batch and heads flattened into one dim, so each tile is one batched matmul: (batch·heads, seq, dim)
+    q = (q * scale).expand(*batch_shape, L, d_k).reshape(-1, L, d_k)  # Q/√d_k, scaled once, not per tile
+    k_t = k.expand(*batch_shape, S, d_k).reshape(-1, S, d_k).transpose(1, 2)  # Kᵀ, (batch·heads, d_k, S)
+    v = v.expand(*batch_shape, S, d_v).reshape(-1, S, d_v)  # (batch·heads, S, d_v)
+    above_diagonal = ~_causal(block_size, block_size, q.device)  # what a tile on the diagonal hides
+    out = q.new_empty(q.shape[0], L, d_v)  # (batch·heads, L, d_v)
     for q0 in range(0, L, block_size):
         q1 = min(q0 + block_size, L)
-        q_block = q[..., q0:q1, :]  # (..., Bq, d_k)
-        m = q.new_full((*batch_shape, q1 - q0, 1), float("-inf"))  # running max, (..., Bq, 1)
-        norm = q.new_zeros((*batch_shape, q1 - q0, 1))  # running normaliser ℓ, (..., Bq, 1)
-        acc = q.new_zeros((*batch_shape, q1 - q0, v.shape[-1]))  # Σ exp(s - m) v, (..., Bq, d_v)
-        k_end = min(q1, S) if is_causal else S  # causal: key blocks past the last query are all masked
+        q_block = q[:, q0:q1]  # Q_i, (batch·heads, Bq, d_k)
+        m = q.new_full((q.shape[0], q1 - q0, 1), float("-inf"))  # running max, (batch·heads, Bq, 1)
+        norm = q.new_zeros((q.shape[0], q1 - q0, 1))  # running normaliser ℓ, (batch·heads, Bq, 1)
+        acc = q.new_zeros((q.shape[0], q1 - q0, d_v))  # Σ exp(s - m) v, (batch·heads, Bq, d_v)
+        k_end = min(q1, S) if is_causal else S  # causal: key blocks right of the diagonal are all hidden
         for k0 in range(0, k_end, block_size):
             k1 = min(k0 + block_size, S)
-            scores = q_block @ k_t[..., k0:k1]  # S_ij = Q_i K_jᵀ/√d_k, (..., Bq, Bk)
-            if is_causal and k1 > q0 + 1:  # a tile that crosses the diagonal (k0 == q0)
-                scores.masked_fill_(~diagonal[: q1 - q0, : k1 - k0], float("-inf"))
-            elif mask is not None and mask.dtype == torch.bool:
-                scores = scores.masked_fill(~_tile(mask, q0, q1, k0, k1), float("-inf"))
+            scores = torch.bmm(q_block, k_t[:, :, k0:k1])  # S_ij = Q_i K_jᵀ/√d_k, (batch·heads, Bq, Bk)
+            if is_causal and k1 > q0 + 1:  # the tile on the diagonal (k0 == q0)
+                scores.masked_fill_(above_diagonal[: q1 - q0, : k1 - k0], float("-inf"))
             elif mask is not None:
-                scores = scores + _tile(mask, q0, q1, k0, k1)
-            m_new = torch.maximum(m, scores.amax(-1, keepdim=True))  # m_new = max(m_old, rowmax(S_ij))
-            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row with no key yet: keep exp finite
-            p = torch.exp(scores - m_safe)  # P_ij = exp(S_ij - m_new), (..., Bq, Bk)
-            rescale = torch.exp(m - m_safe)  # exp(m_old - m_new), (..., Bq, 1)
-            norm = rescale * norm + p.sum(-1, keepdim=True)  # ℓ_new = e^(m_old-m_new) ℓ_old + rowsum(P_ij)
-            acc = rescale * acc + p @ v[..., k0:k1, :]  # acc_new = e^(m_old-m_new) acc_old + P_ij V_j
+                scores_view = scores.view(*batch_shape, q1 - q0, k1 - k0)  # the same memory, mask-shaped
+                mask_tile = _tile(mask, q0, q1, k0, k1)
+                if mask.dtype == torch.bool:
+                    scores_view.masked_fill_(~mask_tile, float("-inf"))
+                else:
+                    scores_view.add_(mask_tile)  # S_ij + M_ij
+            # m is a constant for autograd: it cancels between acc and ℓ, so its gradient is exactly 0
+            m_new = torch.maximum(m, scores.detach().amax(-1, keepdim=True))  # max(m_old, rowmax(S_ij))
+            m_new_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # a row with no key yet: exp stays 0
+            p = scores.sub_(m_new_safe).exp_()  # P_ij = exp(S_ij - m_new), in place, (batch·heads, Bq, Bk)
+            rescale = torch.exp(m - m_new_safe)  # exp(m_old - m_new), (batch·heads, Bq, 1)
+            norm = norm * rescale + p.sum(-1, keepdim=True)  # ℓ_new = e^(m_old-m_new) ℓ_old + rowsum(P_ij)
+            acc = torch.baddbmm(acc * rescale, p, v[:, k0:k1])  # acc_new = e^(m_old-m_new) acc_old + P_ij V_j
             m = m_new
-        out[..., q0:q1, :] = acc / norm.masked_fill(norm == 0, 1.0)  # O_i = acc / ℓ; fully masked rows: 0
-    return out
+        out[:, q0:q1] = acc / norm.masked_fill(norm == 0, 1.0)  # O_i = acc / ℓ; fully masked rows stay 0
+    return out.view(*batch_shape, L, d_v)
