@@ -6,8 +6,9 @@ attend to a key; a float mask is added to the scores (0 keeps a key, -inf remove
 the score shape ``(..., L, S)``: L queries, S keys. ``is_causal`` lets query i see keys j <= i (the top-left
 aligned triangle, as torch does when L != S).
 
-A query whose keys are all masked (a fully masked row) gets weights 0 and output 0, never NaN: the "safe
-softmax" that torch 2.5+ uses on every SDPA backend, so we match torch there too.
+A query whose keys are all masked (a fully masked row, by False or by -inf) gets weights 0 and output 0,
+never NaN, and finite gradients: the "safe softmax" of torch's own SDPA (checked on torch 2.13, CPU, fused
+and math backends), so we match torch there too. A plain softmax would give 0/0 = NaN.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _attention(q, k, v, mask, is_causal, scale, dropout_p=0.0):
+    """SDPA with optional dropout on the weights (for MultiHeadAttention); returns (out, weights)."""
     batch_shape, L, S = _check_qkv(q, k, v)
     scale = _check_options(q, mask, is_causal, scale)
     if mask is not None:

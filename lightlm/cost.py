@@ -283,13 +283,13 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    # An allocation is reported by the innermost op that made it (and again by every enclosing op, which
-    # we skip); a free outside any op appears as a "[memory]" event. So: leaf events only.
-    events = [e for e in prof.events() if e.cpu_memory_usage and not e.cpu_children]
+    # An op reports the memory it and its children allocated, so each op contributes its *self* memory
+    # (its total minus its children's); a free outside any op appears as a "[memory]" event.
+    events = [e for e in prof.events() if e.self_cpu_memory_usage]
     events.sort(key=lambda e: e.time_range.start)
     live = peak = 0
     for event in events:
-        live += event.cpu_memory_usage  # positive for an allocation, negative for a free
+        live += event.self_cpu_memory_usage  # positive for an allocation, negative for a free
         peak = max(peak, live)
     return result, peak
 
