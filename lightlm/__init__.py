@@ -5,7 +5,8 @@ matplotlib and ipywidgets are imported inside the functions that need them.
 
 Modules: :mod:`lightlm.cost` (parameters, bytes, FLOPs, timing), :mod:`lightlm.zoo` (offline models and
 data), :mod:`lightlm.train` (seeding, a small training loop, metrics), :mod:`lightlm.attention` (attention,
-masks, tiled attention), :mod:`lightlm.transformer` (a minimal Transformer), :mod:`lightlm.objectives`
+masks, tiled attention), :mod:`lightlm.distill` (knowledge-distillation losses and a
+Trainer), :mod:`lightlm.transformer` (a minimal Transformer), :mod:`lightlm.objectives`
 (pre-training objectives), :mod:`lightlm.optim` (Adam and AdamW written out), :mod:`lightlm.plot` (shared
 figures), :mod:`lightlm.widgets` (interactive demos with a static fallback).
 """
@@ -19,7 +20,7 @@ import importlib
 from .train import seed_everything
 
 __version__ = "0.1.0"
-_SUBMODULES = ("attention", "cost", "objectives", "optim", "plot", "train", "transformer", "widgets", "zoo")
+_SUBMODULES = ("attention", "cost", "distill", "objectives", "optim", "plot", "train", "transformer", "widgets", "zoo")
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]
 
 

@@ -1,0 +1,391 @@
+"""Knowledge distillation (知识蒸馏): the KD loss (chapter 4, "The KD loss"), intermediate-layer losses and a
+Hugging Face ``Trainer`` (chapter 5, "Distilling a classifier"), top-k KD and forward/reverse KL for language
+models (chapter 6, "Distilling a causal LM").
+
+Notation (see the glossary): ``z`` student logits, ``v`` teacher logits, temperature ``T``,
+``p = softmax(v/T)`` the teacher's soft targets, ``q = softmax(z/T)`` the student's distribution. Logits have
+shape ``(..., C)``: every leading dim counts as a batch dim, and "mean over the batch" means the mean over all
+rows. ``alpha`` always weights the SOFT term (errata "Two conventions for α"): ``α_hard = 1 − α_soft``.
+``T²`` is applied inside :func:`kd_loss` and :func:`topk_kd_loss`, never in :func:`kl_divergence`.
+Computation runs in float32 at least (float64 stays float64).
+
+Only torch is imported at load time; ``DistillationTrainer`` imports transformers when first used.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["softmax_t", "kd_loss", "distillation_loss", "kl_divergence", "HiddenProjection", "hidden_state_loss",
+           "attention_loss", "topk_teacher", "topk_kd_loss", "DistillationTrainer"]
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_logits(logits, name: str) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be floating-point, got dtype {logits.dtype}")
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., classes) with at least one class, got {tuple(logits.shape)}")
+
+
+def _check_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits") -> None:
+    _check_logits(student, student_name)
+    _check_logits(teacher, teacher_name)
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(f"vocabulary mismatch: {student_name} has {student.shape[-1]} classes, {teacher_name} "
+                         f"{teacher.shape[-1]}; distillation on logits needs one shared vocabulary")
+    if student.shape != teacher.shape:
+        raise ValueError(f"shape mismatch: {student_name} {tuple(student.shape)} vs {teacher_name} "
+                         f"{tuple(teacher.shape)}; they must be equal")
+
+
+def _check_temperature(T) -> None:
+    if isinstance(T, bool) or not isinstance(T, Real):
+        raise TypeError(f"temperature T must be a number, got {type(T).__name__}")
+    if not 0 < T < math.inf:
+        raise ValueError(f"temperature T must be positive and finite, got {T}")
+
+
+def _check_alpha(alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (the weight of the soft term) must be in [0, 1], got {alpha}")
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p_i (log p_i − log q_i) elementwise, with 0 log 0 = 0 and no NaN in value or gradient where p_i = 0."""
+    p = log_p.exp()
+    support = p > 0  # outside it both logs may be −inf; replace them before they meet the product
+    return p * (torch.where(support, log_p, 0.0) - torch.where(support, log_q, 0.0))
+
+
+def _check_mask(mask, shape, name: str) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (0/False = padding), got {tuple(mask.shape)}")
+
+
+def _masked_mean(values: torch.Tensor, mask, name: str) -> torch.Tensor:
+    """Mean of ``values`` over the positions where ``mask`` (same shape) is nonzero; over all if None."""
+    if mask is None:
+        return values.mean()
+    _check_mask(mask, values.shape, name)
+    keep = (mask != 0).to(values.device)
+    if not keep.any():
+        raise ValueError(f"{name} marks every position as padding: the mean over zero positions is undefined")
+    return values[keep].mean()
+
+
+# --------------------------------------------------------------------------- chapter 4: the KD loss
+
+
+def softmax_t(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) over the last dim (chapter 4, eq. (softmax-t)): T > 1 flattens, T → 0 sharpens."""
+    _check_logits(logits, "logits")
+    _check_temperature(T)
+    return F.softmax(logits / T, dim=-1)  # p_i = exp(v_i/T) / Σ_j exp(v_j/T)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 2.0) -> torch.Tensor:
+    """Soft-target loss of Hinton et al. (2015): ``T² · KL(p ‖ q)``, mean over rows (chapter 4, eq. (kd-loss)).
+
+    Equal to ``T*T*F.kl_div(F.log_softmax(z/T, -1), F.softmax(v/T, -1), reduction="batchmean")`` for 2-D
+    inputs; NOT ``reduction="mean"``, which also divides by the number of classes. The gradient is
+    ``∂L/∂z = T (q − p) / N`` for N rows (eq. (kd-grad)); the factor T² keeps its size independent of T.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature(T)
+    classes = student_logits.shape[-1]
+    z = _as_float(student_logits).reshape(-1, classes)  # (N, C): all leading dims are the batch
+    v = _as_float(teacher_logits).reshape(-1, classes)
+    log_q = F.log_softmax(z / T, dim=-1)  # log q_i = log softmax(z_i / T)
+    log_p = F.log_softmax(v / T, dim=-1)  # log p_i = log softmax(v_i / T)
+    kl = _kl_terms(log_p, log_q).sum(-1).mean()  # KL(p ‖ q) = Σ_i p_i log(p_i / q_i), mean over the N rows
+    return T * T * kl  # T² keeps the gradient's size independent of T
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      T: float = 2.0, alpha: float = 0.5, ignore_index: int = -100) -> torch.Tensor:
+    """``α · T² KL(p ‖ q) + (1 − α) · CE(y, softmax(z))`` (chapter 4, eq. (distill-loss)).
+
+    α weights the SOFT term: α = 1 is pure distillation, α = 0 plain fine-tuning on the labels. Sources that
+    let α weight the hard term (article 003) mean ``α_hard = 1 − α_soft`` here. The hard term is taken at
+    temperature 1. Rows whose label is ``ignore_index`` (padding, prompt tokens) are left out of BOTH terms,
+    so both are means over the same N labelled rows.
+
+    Args:
+        student_logits, teacher_logits: ``(..., C)``, equal shapes.
+        labels: integer class ids of shape ``student_logits.shape[:-1]``, or ``ignore_index``.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature(T)
+    _check_alpha(alpha)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(student_logits.shape[:-1])} (the logits without their "
+                         f"class dim), got {tuple(labels.shape)}")
+    keep = labels != ignore_index  # rows that carry a label
+    if not keep.any():
+        raise ValueError(f"every label is ignore_index={ignore_index}: the mean over zero rows is undefined")
+    classes = student_logits.shape[-1]
+    y = labels[keep]  # (N,)
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"labels must be class ids in [0, {classes}) or ignore_index={ignore_index}, "
+                         f"got values in [{int(y.min())}, {int(y.max())}]")
+    z, v = student_logits[keep], teacher_logits[keep]  # (N, C) each
+    soft = kd_loss(z, v, T)  # T² KL(softmax(v/T) ‖ softmax(z/T))
+    hard = F.cross_entropy(_as_float(z), y)  # CE(y, softmax(z)), temperature 1
+    return alpha * soft + (1 - alpha) * hard  # α weights the soft term
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, direction: str = "forward", T: float = 1.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """KL divergence between ``p = softmax(p_logits/T)`` (teacher) and ``q = softmax(q_logits/T)`` (student)
+    (chapter 6, eq. (kl-directions)); no T² factor: ``kd_loss(z, v, T) = T² · kl_divergence(v, z, T=T)``.
+
+    ``"forward"``: KL(p ‖ q) = Σ p log(p/q), mode covering: q is penalised wherever p has mass and q does not,
+    so a unimodal q spreads over all of p's modes. ``"reverse"``: KL(q ‖ p) = Σ q log(q/p), mode seeking: q is
+    penalised wherever it puts mass that p lacks, so it settles on one mode (as in MiniLLM, Gu et al. 2024).
+    ``reduction``: ``"mean"`` over rows or ``"none"`` (one value per row).
+    """
+    _check_pair(q_logits, p_logits, "q_logits", "p_logits")
+    _check_temperature(T)
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' (KL(p ‖ q)) or 'reverse' (KL(q ‖ p)), got {direction!r}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    log_p = F.log_softmax(_as_float(p_logits) / T, dim=-1)  # teacher
+    log_q = F.log_softmax(_as_float(q_logits) / T, dim=-1)  # student
+    if direction == "forward":
+        kl = _kl_terms(log_p, log_q).sum(-1)  # KL(p ‖ q) = Σ_i p_i log(p_i / q_i)
+    else:
+        kl = _kl_terms(log_q, log_p).sum(-1)  # KL(q ‖ p) = Σ_i q_i log(q_i / p_i)
+    return kl.mean() if reduction == "mean" else kl
+
+
+# --------------------------------------------------------------------------- chapter 5: intermediate layers
+
+
+class HiddenProjection(nn.Linear):
+    """Learned map ``W_h`` from the student's hidden width to the teacher's (TinyBERT, Jiao et al. 2020);
+    train it with the student, drop it after distillation."""
+
+    def __init__(self, d_student: int, d_teacher: int, bias: bool = True):
+        for name, value in (("d_student", d_student), ("d_teacher", d_teacher)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        super().__init__(d_student, d_teacher, bias=bias)
+
+
+def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projection=None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``MSE(H_S W_h, H_T)`` averaged over real tokens (TinyBERT; chapter 5, eq. (hidden-loss)).
+
+    Per token the squared error is averaged over the teacher's d hidden units, then over the tokens where
+    ``attention_mask`` (shape ``(..., seq)``) is nonzero; with no mask this is ``F.mse_loss``.
+
+    Args:
+        student_hidden: ``(..., seq, d_student)``; teacher_hidden: ``(..., seq, d_teacher)``.
+        projection: any module or callable mapping d_student to d_teacher (e.g. :class:`HiddenProjection`);
+            required when the widths differ.
+    """
+    _check_logits(student_hidden, "student_hidden")
+    _check_logits(teacher_hidden, "teacher_hidden")
+    if student_hidden.ndim < 2 or student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must be (..., seq, d) with the same leading dims")
+    d_student, d_teacher = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    if projection is None:
+        if d_student != d_teacher:
+            raise ValueError(f"hidden widths differ (student {d_student}, teacher {d_teacher}) and no projection "
+                             f"was given; pass projection=HiddenProjection({d_student}, {d_teacher})")
+        projected = student_hidden
+    else:
+        if not callable(projection):
+            raise TypeError(f"projection must be a module or callable, got {type(projection).__name__}")
+        projected = projection(student_hidden)  # H_S W_h: (..., seq, d_teacher)
+        if not isinstance(projected, torch.Tensor) or projected.shape != teacher_hidden.shape:
+            raise ValueError(f"projection must map the student's states to the teacher's shape "
+                             f"{tuple(teacher_hidden.shape)}, got {getattr(projected, 'shape', type(projected))}")
+    squared = (_as_float(projected) - _as_float(teacher_hidden)).pow(2).mean(-1)  # ‖H_S W_h − H_T‖²/d per token
+    return _masked_mean(squared, attention_mask, "attention_mask")
+
+
+def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention distribution transfer, MiniLM's L_AT (Wang et al. 2020; chapter 5, eq. (attn-loss)):
+    ``(1 / (h·L)) Σ_heads Σ_queries KL(A_T ‖ A_S)``, each KL over the keys of one query row.
+
+    Inputs are attention weights (rows sum to 1, as ``output_attentions=True`` returns them), shape
+    ``(batch, heads, L, S)``, equal for teacher and student. Padded keys carry teacher weight 0, and
+    0·log 0 = 0: they add nothing and give no NaN. ``attention_mask`` ``(batch, L)`` drops padded query rows.
+    Head counts must be equal, as in MiniLM. A teacher with more heads: average groups of them first,
+    ``teacher_attn.unflatten(1, (h_s, -1)).mean(2)`` (an average of distributions is a distribution), or pick h_s.
+    """
+    _check_logits(student_attn, "student_attn")
+    _check_logits(teacher_attn, "teacher_attn")
+    if student_attn.ndim != 4 or teacher_attn.ndim != 4:
+        raise ValueError(f"attention weights must be (batch, heads, L, S), got student {tuple(student_attn.shape)}"
+                         f" and teacher {tuple(teacher_attn.shape)}")
+    if student_attn.shape[1] != teacher_attn.shape[1]:
+        h_s, h_t = student_attn.shape[1], teacher_attn.shape[1]
+        raise ValueError(f"teacher has {h_t} heads, student {h_s}: they must be equal; average groups of teacher "
+                         f"heads (teacher_attn.unflatten(1, ({h_s}, -1)).mean(2)) or pick {h_s} of them")
+    if student_attn.shape != teacher_attn.shape:
+        raise ValueError(f"student_attn {tuple(student_attn.shape)} and teacher_attn {tuple(teacher_attn.shape)} "
+                         "must have the same batch and sequence lengths")
+    a_s, a_t = _as_float(student_attn), _as_float(teacher_attn)
+    positive = a_t > 0  # padded keys carry teacher weight 0, and 0 · log 0 = 0 (logs of 1 there: no NaN)
+    log_ratio = torch.where(positive, a_t, 1.0).log() - torch.where(positive, a_s, 1.0).log()
+    kl = (a_t * log_ratio).sum(-1)  # KL(A_T ‖ A_S) = Σ_keys a_T log(a_T / a_S) per head and query: (b, h, L)
+    if attention_mask is not None:
+        batch, _, queries = kl.shape
+        _check_mask(attention_mask, (batch, queries), "attention_mask")
+        attention_mask = attention_mask[:, None, :].expand_as(kl)  # the same query rows in every head
+    return _masked_mean(kl, attention_mask, "attention_mask")
+
+
+# --------------------------------------------------------------------------- chapter 6: top-k KD for LMs
+
+
+def topk_teacher(teacher_logits: torch.Tensor, k: int, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely tokens per position, for caching (chapter 6, eq. (topk-cache)).
+
+    Returns ``(values, indices)``, each ``(..., k)``, largest first. ``values`` are the teacher's
+    LOG-PROBABILITIES at temperature T, ``log p_i = v_i/T − logsumexp(v/T)``: the top-k scaled logits with
+    the log-normaliser subtracted, so that ``1 − Σ exp(values)`` is the exact mass of the other V − k tokens
+    and no third tensor needs storing. The temperature is fixed here; pass the same T to :func:`topk_kd_loss`.
+    Stores ``k`` values and ids per position instead of V logits (e.g. ``values.half()``, ``indices.int()``).
+    """
+    _check_logits(teacher_logits, "teacher_logits")
+    _check_temperature(T)
+    vocab = teacher_logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, vocabulary size {vocab}], got {k}")
+    with torch.no_grad():  # a target, never trained
+        log_p = F.log_softmax(_as_float(teacher_logits) / T, dim=-1)  # log p_i = v_i/T − log Σ_j exp(v_j/T)
+        return log_p.topk(k, dim=-1)
+
+
+def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
+                 T: float = 1.0, tail: str = "renormalise", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KD from a cached top-k teacher, ``T² ·`` a KL per position, mean over positions where ``mask`` is
+    nonzero (chapter 6, eqs. (topk-renorm), (topk-bucket)). With k = V both tails equal :func:`kd_loss`.
+
+    The student's log-probabilities ``log q_i`` always come from its FULL softmax at temperature T, read at
+    the teacher's k tokens K; the teacher's come from :func:`topk_teacher` (made with the same T).
+
+    * ``"renormalise"``: the teacher is renormalised over K, ``p̃_i = p_i / Σ_{j∈K} p_j``, and the loss is
+      ``KL(p̃ ‖ q) = Σ_{i∈K} p̃_i log(p̃_i / q_i) = CE(p̃, q) − H(p̃)``, an exact KL in which p̃ is zero off K:
+      it pushes the student's mass off K towards zero.
+    * ``"bucket"``: the V − k other tokens become one outcome, teacher mass ``P = 1 − Σ_{i∈K} p_i``, student
+      mass ``Q = Σ_{j∉K} q_j``: ``Σ_{i∈K} p_i log(p_i / q_i) + P log(P / Q)``, the exact KL over k + 1
+      outcomes, between 0 and the full KL (merging outcomes never raises a KL).
+    """
+    _check_logits(student_logits, "student_logits")
+    _check_logits(topk_values, "topk_values")
+    _check_temperature(T)
+    if tail not in ("renormalise", "bucket"):
+        raise ValueError(f"tail must be 'renormalise' or 'bucket', got {tail!r}")
+    if not isinstance(topk_indices, torch.Tensor) or topk_indices.dtype.is_floating_point or \
+            topk_indices.dtype.is_complex or topk_indices.dtype == torch.bool:
+        raise TypeError("topk_indices must be a tensor of integer token ids")
+    vocab, k = student_logits.shape[-1], topk_values.shape[-1]
+    if k > vocab:
+        raise ValueError(f"k = {k} cached teacher tokens exceed the student's vocabulary of {vocab}")
+    if topk_indices.shape != topk_values.shape or topk_values.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"topk_values {tuple(topk_values.shape)} and topk_indices {tuple(topk_indices.shape)} must"
+                         f" be (..., k) with the student's leading dims {tuple(student_logits.shape[:-1])}")
+    if topk_indices.min() < 0 or topk_indices.max() >= vocab:
+        raise ValueError(f"topk_indices must be token ids in [0, {vocab}) (the student's vocabulary), got "
+                         f"values in [{int(topk_indices.min())}, {int(topk_indices.max())}]")
+    indices = topk_indices.long()
+    log_q = F.log_softmax(_as_float(student_logits) / T, dim=-1)  # student's full softmax: (..., V)
+    log_q_k = log_q.gather(-1, indices)  # log q_i, i ∈ K: (..., k)
+    log_p_k = _as_float(topk_values).to(log_q.dtype)  # log p_i, i ∈ K, cached at temperature T
+    if tail == "renormalise":
+        log_p_k = log_p_k.log_softmax(-1)  # log p̃_i = log p_i − log Σ_{j∈K} p_j
+    kl = _kl_terms(log_p_k, log_q_k).sum(-1)  # Σ_{i∈K} p_i log(p_i / q_i)
+    if tail == "bucket" and k < vocab:
+        log_p_tail = (-torch.expm1(log_p_k.logsumexp(-1))).clamp_min(0).log()  # log P = log(1 − Σ_{i∈K} p_i)
+        log_q_tail = log_q.scatter(-1, indices, -math.inf).logsumexp(-1)  # log Q = log Σ_{j∉K} q_j
+        kl = kl + _kl_terms(log_p_tail, log_q_tail)  # + P log(P / Q)
+    return T * T * _masked_mean(kl, mask, "mask")
+
+
+# --------------------------------------------------------------------------- chapter 5: the Trainer
+
+
+def _make_distillation_trainer():
+    from transformers import Trainer  # imported here: `import lightlm.distill` stays light
+
+    class DistillationTrainer(Trainer):
+        """A ``transformers.Trainer`` whose loss is :func:`distillation_loss` (chapter 5, eq. (distill-loss)).
+
+        ``DistillationTrainer(model=student, args=..., train_dataset=..., teacher_model=teacher,
+        temperature=2.0, alpha=0.5)``. The teacher is frozen (``requires_grad=False``, eval mode), moved to
+        the training device and run under ``torch.no_grad()`` on the same inputs as the student, so teacher
+        and student must share the tokenizer. Batches must hold ``labels`` (-100 = no loss, as Hugging Face's
+        collators make them). ``causal_lm=True`` pairs the logits at position t with the label at t + 1.
+        Being a Trainer, the same script runs on many GPUs with ``accelerate launch`` or ``torchrun``.
+        """
+
+        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by GA steps
+
+        def __init__(self, *args, teacher_model: nn.Module, temperature: float = 2.0, alpha: float = 0.5,
+                     causal_lm: bool = False, **kwargs):
+            if not isinstance(teacher_model, nn.Module):
+                raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
+            _check_temperature(temperature)
+            _check_alpha(alpha)
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False  # no num_items_in_batch: the loss is this batch's mean
+            self.teacher_model = teacher_model.requires_grad_(False).eval().to(self.args.device)
+            self.temperature, self.alpha, self.causal_lm = temperature, alpha, bool(causal_lm)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            if "labels" not in inputs:
+                raise ValueError("DistillationTrainer needs 'labels' in every batch (-100 where there is no loss)")
+            labels = inputs.pop("labels")  # the student must not compute its own loss
+            outputs = model(**inputs)
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(**inputs).logits
+            student_logits = outputs.logits
+            if self.causal_lm:  # the logits at position t predict token t + 1
+                student_logits, teacher_logits, labels = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
+            loss = distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
+            return (loss, outputs) if return_outputs else loss
+
+    DistillationTrainer.__qualname__ = "DistillationTrainer"  # pickle finds it as lightlm.distill.DistillationTrainer
+    return DistillationTrainer
+
+
+def __getattr__(name: str):
+    """Build ``DistillationTrainer`` (and import transformers) on first access only."""
+    if name == "DistillationTrainer":
+        globals()[name] = trainer_class = _make_distillation_trainer()
+        return trainer_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
