@@ -134,3 +134,24 @@ def attention_maps(weights: Any, tokens: Sequence[str], titles: Sequence[str] | 
         if titles is not None:
             ax.set_title(titles[index], fontsize=8)
     return fig
+
+
+def softened_distributions(logits: Any, labels: Sequence[str], temperatures: Sequence[float], ax: Any = None):
+    """Grouped bars of softmax(logits / T) for several temperatures T (chapter 4, eq. (softmax-t))."""
+    import torch
+
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    if logits.ndim != 1 or len(labels) != len(logits):
+        raise ValueError(f"need one label per logit: {tuple(logits.shape)} logits, {len(labels)} labels")
+    if not temperatures or any(t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures must be positive, got {list(temperatures)}")
+    ax = _axes(ax, figsize=(max(6.4, 0.55 * len(labels)), 3.4))
+    width = 0.8 / len(temperatures)
+    for j, temperature in enumerate(temperatures):
+        probabilities = (logits / temperature).softmax(-1)
+        xs = [i + (j - (len(temperatures) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, probabilities.tolist(), width, label=f"T = {temperature:g}")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("probability")
+    ax.legend(fontsize=8)
+    return ax

@@ -46,3 +46,42 @@ def memory_explorer(default_params: float = 7e9, default_dtype: str = "fp16", dt
 
 
 _DEVICES = {"phone (8 GB)": 8, "laptop (16 GB)": 16, "RTX 4090 (24 GB)": 24, "H100 (80 GB)": 80}
+
+
+def temperature_explorer(logits, labels, default_temperature: float = 1.0):
+    """A temperature slider over softmax(logits / T): the bars soften as T grows (chapter 4).
+
+    Returns an ``ipywidgets.VBox`` (slider + bar chart rendered as HTML); without ipywidgets, a static
+    matplotlib figure at T = 1, 2, 5.
+    """
+    import torch
+
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    if logits.ndim != 1 or len(labels) != len(logits):
+        raise ValueError(f"need one label per logit: {tuple(logits.shape)} logits, {len(labels)} labels")
+    if not 0.1 <= default_temperature <= 20:
+        raise ValueError(f"default_temperature must be in [0.1, 20], got {default_temperature}")
+    try:
+        import ipywidgets as w
+    except ImportError:
+        from . import plot
+
+        return plot.softened_distributions(logits, labels, (1.0, 2.0, 5.0)).figure
+
+    slider = w.FloatLogSlider(value=default_temperature, base=10, min=-1, max=1.3, step=0.02,
+                              description="T", readout_format=".2f")
+    bars = w.HTML()
+
+    def update(_=None) -> None:
+        probabilities = (logits / slider.value).softmax(-1).tolist()
+        entropy = -sum(p * torch.tensor(p).log().item() for p in probabilities if p > 0)
+        rows = "".join(
+            f"<tr><td style='padding-right:8px'>{label}</td><td><div style='background:#4c78a8;height:12px;"
+            f"width:{300 * p:.1f}px'></div></td><td style='padding-left:6px'>{p:.3f}</td></tr>"
+            for label, p in zip(labels, probabilities)
+        )
+        bars.value = f"<table>{rows}</table><div>entropy {entropy:.3f} nats</div>"
+
+    slider.observe(update, names="value")
+    update()
+    return w.VBox([slider, bars])

@@ -77,3 +77,32 @@ def test_attention_maps_draw_one_panel_per_map_and_check_shapes():
         plot.attention_maps(weights, list("abc"))
     with pytest.raises(ValueError, match="maps, queries, keys"):
         plot.attention_maps(weights[0], list("abcde"))
+
+
+def test_softened_distributions_hold_the_softmax_at_each_temperature():
+    import torch
+
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    ax = plot.softened_distributions(logits, ["a", "b", "c"], [1.0, 4.0])
+    heights = [p.get_height() for p in ax.patches]
+    assert heights[:3] == pytest.approx(logits.softmax(-1).tolist())
+    assert heights[3:] == pytest.approx((logits / 4).softmax(-1).tolist())
+    with pytest.raises(ValueError, match="positive"):
+        plot.softened_distributions(logits, ["a", "b", "c"], [0.0])
+
+
+def test_temperature_explorer_softens_as_the_slider_moves():
+    box = widgets.temperature_explorer([3.0, 1.0, 0.0], ["x", "y", "z"])
+    slider, bars = box.children
+    cold = float(bars.value.split("entropy ")[1].split()[0])
+    slider.value = 10.0
+    hot = float(bars.value.split("entropy ")[1].split()[0])
+    assert hot > cold
+    with pytest.raises(ValueError, match="one label per logit"):
+        widgets.temperature_explorer([1.0, 2.0], ["x"])
+
+
+def test_temperature_explorer_falls_back_to_a_static_figure(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    figure = widgets.temperature_explorer([3.0, 1.0, 0.0], ["x", "y", "z"])
+    assert isinstance(figure, matplotlib.figure.Figure) and len(figure.axes[0].patches) == 9
