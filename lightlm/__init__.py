@@ -20,7 +20,8 @@ import importlib
 from .train import seed_everything
 
 __version__ = "0.1.0"
-_SUBMODULES = ("attention", "cost", "distill", "objectives", "optim", "plot", "train", "transformer", "widgets", "zoo")
+_SUBMODULES = ("attention", "cost", "distill", "lm_cache", "objectives", "optim", "plot", "teachers", "train",
+               "transformer", "widgets", "zoo")
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]
 
 

@@ -157,13 +157,23 @@ class EncoderClassifier(nn.Module):
                 need_weights: bool = False):
         """Returns logits (batch, n_classes); with ``need_weights`` also the per-layer attention weights."""
         hidden, weights = self.backbone(input_ids, attention_mask, is_causal=False, need_weights=need_weights)
+        logits = self._classify(hidden, attention_mask)
+        return (logits, weights) if need_weights else logits
+
+    def _classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
             pooled = hidden.mean(1)
         else:
             keep = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
             pooled = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-        logits = self.head(pooled)
-        return (logits, weights) if need_weights else logits
+        return self.head(pooled)
+
+    def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """``(logits, hidden, weights)``: the logits, the last hidden states (batch, seq, d_model) and every
+        layer's attention weights (batch, heads, seq, seq), the three things feature distillation matches
+        (chapter 5)."""
+        hidden, weights = self.backbone(input_ids, attention_mask, is_causal=False, need_weights=True)
+        return self._classify(hidden, attention_mask), hidden, weights
 
 
 class CausalLM(nn.Module):

