@@ -457,7 +457,6 @@ ARTEFACTS = {
     "smollm2": ("SmolLM2-135M de-quantized to float32 safetensors", lambda: _warm_smollm2()),
     "rt-teacher": ("MiniLM fine-tuned on Rotten Tomatoes, with its cached logits (chapter 5)",
                    _lazy("teachers", "warm_rt_teacher")),
-    # chapter 6 (lightlm.lm_cache) entries go here
     "lm-cache": ("SmolLM2's top-k log-probs on news windows and its generations (chapter 6)",
                  _lazy("lm_cache", "warm_lm_cache")),
 }
