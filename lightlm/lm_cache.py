@@ -8,8 +8,8 @@ alongside a student. So it runs once, here, and what the student needs is stored
   with the teacher's top-k next-token log-probabilities at every position (:func:`lightlm.distill.topk_teacher`,
   eq. (topk-cache): values fp16, token ids int32), and held-out windows from ``news_corpus("validation")`` with
   their top-k and the teacher's log-probability of each true next token (its held-out perplexity);
-* sequence-level KD (Kim & Rush, 2016): the teacher's sampled continuations of ``prompt_len``-token prompts
-  taken from the first training windows.
+* sequence-level KD (Kim & Rush, 2016): the teacher's continuations (greedy by default) of
+  ``prompt_len``-token prompts taken from the first training windows.
 
 A JSON manifest records the settings and :data:`VERSION`; a cache whose manifest differs is rebuilt. Files are
 written to a staging folder and moved into place with ``os.replace``. ``python -m lightlm.zoo warm`` builds it.

@@ -159,10 +159,15 @@ def build_rt_teacher(progress: bool = True) -> Path:
                                                           max_length=SETTINGS["max_length"])["input_ids"]]
            for split, (text, _) in texts.items()}
     seed_everything(SETTINGS["seed"])  # the classifier head starts random
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head is "missing" from the checkpoint: expected, not news
     with zoo._quiet_loading():
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=2, local_files_only=True, use_safetensors=True, attn_implementation="eager",
             id2label=dict(enumerate(zoo.RT_LABEL_NAMES)), label2id={n: i for i, n in enumerate(zoo.RT_LABEL_NAMES)})
+    hf_logging.set_verbosity(verbosity)
     losses = _fine_tune(model, ids["labelled"], texts["labelled"][1], progress)
     fine_tune_seconds = time.perf_counter() - started
     model.eval()
