@@ -66,10 +66,10 @@ def _cache_ok(folder: Path) -> bool:
         manifest = json.loads((folder / zoo._MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("settings") == SETTINGS and all(
-        (folder / name).is_file() and (folder / name).stat().st_size == size
-        for name, size in manifest.get("file_bytes", {}).items()
-    ) and bool(manifest.get("file_bytes"))
+    files = manifest.get("file_bytes") or {}
+    sizes_match = all((folder / name).is_file() and (folder / name).stat().st_size == size
+                      for name, size in files.items())
+    return manifest.get("settings") == SETTINGS and bool(files) and sizes_match
 
 
 def _split_texts() -> dict[str, tuple[list[str], list[int] | None]]:
