@@ -1,14 +1,24 @@
 """lightlm — the companion library of *Principles of LLMs and Lightweight Adaptation*.
 
-One short module per technique. ``import lightlm`` imports only torch and numpy; transformers, datasets,
-matplotlib and ipywidgets are imported inside the functions that need them.
+Four layers; a module imports only from its own layer or the ones above it in this list (tests/test_layers.py):
 
-Modules: :mod:`lightlm.cost` (parameters, bytes, FLOPs, timing), :mod:`lightlm.zoo` (offline models and
-data), :mod:`lightlm.train` (seeding, a small training loop, metrics), :mod:`lightlm.attention` (attention,
-masks, tiled attention), :mod:`lightlm.distill` (knowledge-distillation losses and a
-Trainer), :mod:`lightlm.transformer` (a minimal Transformer), :mod:`lightlm.objectives`
-(pre-training objectives), :mod:`lightlm.optim` (Adam and AdamW written out), :mod:`lightlm.plot` (shared
-figures), :mod:`lightlm.widgets` (interactive demos with a static fallback).
+1. **Techniques** — pure torch, one technique per module, the equation beside the line that computes it, each
+   checked against its industrial counterpart: :mod:`~lightlm.attention` (attention, masks, tiled attention),
+   :mod:`~lightlm.transformer` (a minimal Transformer), :mod:`~lightlm.objectives` (pre-training objectives),
+   :mod:`~lightlm.optim` (Adam and AdamW written out), :mod:`~lightlm.distill` (knowledge-distillation losses),
+   :mod:`~lightlm.distill_trainer` (those losses in a Hugging Face ``Trainer``), :mod:`~lightlm.train` (seeding, a
+   small training loop, metrics, padding); to come: ``prune``, ``quant``, ``lowrank``, ``adapters``.
+2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only) and :mod:`~lightlm.bench`
+   (timing and peak memory).
+3. **Infrastructure** — :mod:`~lightlm.zoo` (the real models, offline), :mod:`~lightlm.data` (the data sets),
+   :mod:`~lightlm.artefacts` (the chapters' cached artefacts, their registry and ``python -m lightlm.zoo warm``),
+   and private helpers: ``_pins`` (the pinned packages and file hashes), ``_packages`` (finding and checking
+   them), ``_cache`` (the one cache protocol), ``_hf`` (safe local loading), ``_checks`` (argument checks).
+4. **Presentation** — :mod:`~lightlm.plot` (shared figures, tables) and :mod:`~lightlm.widgets` (interactive demos
+   with a static fallback).
+
+``import lightlm`` imports only torch and numpy; submodules load on first use (``lightlm.zoo``), and
+transformers, datasets, matplotlib and ipywidgets are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -19,16 +29,18 @@ import importlib
 
 from .train import seed_everything
 
-__version__ = "0.1.0"
-_SUBMODULES = ("attention", "cost", "distill", "lm_cache", "objectives", "optim", "plot", "teachers", "train",
-               "transformer", "widgets", "zoo")
+__version__ = "0.2.0"
+_SUBMODULES = ("artefacts", "attention", "bench", "cost", "data", "distill", "distill_trainer", "objectives", "optim",
+               "plot", "train", "transformer", "widgets", "zoo")
+# Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
+_MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]
 
 
 def __getattr__(name: str):
     """Import submodules on first use (``lightlm.zoo``), so ``python -m lightlm.zoo`` runs it only once."""
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+    if name in _SUBMODULES or name in _MOVED:
+        return importlib.import_module(f"{__name__}.{_MOVED.get(name, name)}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

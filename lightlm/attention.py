@@ -4,7 +4,9 @@
 Masks follow ``torch.nn.functional.scaled_dot_product_attention``: a boolean mask is True where a query may
 attend to a key; a float mask is added to the scores (0 keeps a key, -inf removes it). A mask broadcasts to
 the score shape ``(..., L, S)``: L queries, S keys. ``is_causal`` lets query i see keys j <= i (the top-left
-aligned triangle, as torch does when L != S).
+aligned triangle, as torch does when L != S). The mask argument is called ``attn_mask``, as in torch
+(``mask=`` is accepted too). Beware: ``torch.nn.MultiheadAttention`` uses the OPPOSITE bool polarity (True =
+masked out); :class:`MultiHeadAttention` here keeps the SDPA one (True = may attend).
 
 A query whose keys are all masked (a fully masked row, by False or by -inf) gets weights 0 and output 0,
 never NaN, and finite gradients: the "safe softmax" of torch's own SDPA (checked on torch 2.13, CPU, fused
@@ -14,27 +16,29 @@ and math backends), so we match torch there too. A plain softmax would give 0/0 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._checks import check_bool, check_int, check_real, check_tensor
 
 __all__ = ["scaled_dot_product_attention", "causal_mask", "padding_mask", "MultiHeadAttention", "tiled_attention"]
 
 # --------------------------------------------------------------------------- checks
 
 
-def _check_qkv(q, k, v) -> tuple[torch.Size, int, int]:
+def _check_qkv(q: Any, k: Any, v: Any) -> tuple[torch.Size, int, int]:
     """Validate q (..., L, d_k), k (..., S, d_k), v (..., S, d_v); return (broadcast leading dims, L, S)."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        check_tensor(name, tensor, kind="float")
         if tensor.ndim < 2:
             raise ValueError(f"{name} must have shape (..., seq_len, dim), got {tuple(tensor.shape)}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k need the same last dim d_k: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if k.shape[-2] != v.shape[-2]:
@@ -49,28 +53,35 @@ def _check_qkv(q, k, v) -> tuple[torch.Size, int, int]:
     return batch_shape, q.shape[-2], k.shape[-2]
 
 
-def _check_options(q, mask, is_causal, scale) -> float:
+def _pick_mask(attn_mask: Any, mask: Any) -> Any:
+    """``attn_mask`` (torch's name) or its alias ``mask``; not both."""
+    if attn_mask is not None and mask is not None:
+        raise TypeError("give the mask once: attn_mask= (torch's name) or mask=, not both")
+    return mask if attn_mask is None else attn_mask
+
+
+def _check_options(q: torch.Tensor, mask: Any, is_causal: Any, scale: Any) -> float:
     """Validate mask/is_causal/scale; return the scale (1/√d_k by default)."""
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    check_bool("is_causal", is_causal)
     if is_causal and mask is not None:
-        raise ValueError("give either mask or is_causal=True, not both (as torch's SDPA); "
+        raise ValueError("give either attn_mask or is_causal=True, not both (as torch's SDPA); "
                          "combine them yourself: mask & causal_mask(L)")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"mask must be bool (True = may attend) or float (added to the scores), got {mask.dtype}")
+            raise TypeError(f"attn_mask must be bool (True = may attend) or float (added to the scores), "
+                            f"got {mask.dtype}")
         if mask.is_floating_point() and mask.dtype != q.dtype:
-            raise TypeError(f"a float mask must have the dtype of q ({q.dtype}), got {mask.dtype}")
+            raise TypeError(f"a float attn_mask must have the dtype of q ({q.dtype}), got {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"attn_mask must be on q's device ({q.device}), got {mask.device}")
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-        raise ValueError(f"scale must be a positive finite number or None (for 1/sqrt(d_k)), got {scale!r}")
-    return float(scale)
+    return check_real("scale", scale, min=0, min_open=True)
 
 
-def _check_mask_shape(mask, score_shape) -> None:
+def _check_mask_shape(mask: torch.Tensor, score_shape: torch.Size) -> None:
     try:
         fits = torch.broadcast_shapes(mask.shape, score_shape) == score_shape
     except RuntimeError:
@@ -80,7 +91,7 @@ def _check_mask_shape(mask, score_shape) -> None:
                          f"{tuple(score_shape)} (..., L queries, S keys)")
 
 
-def _causal(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
+def _causal(n_queries: int, n_keys: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(L, S) bool, True where key j <= query i (top-left aligned, like torch's is_causal)."""
     return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril()
 
@@ -88,13 +99,9 @@ def _causal(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
 # --------------------------------------------------------------------------- masks
 
 
-def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+def causal_mask(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(L, L) bool mask, True on and below the diagonal: token i may attend to tokens 0..i (chapter 2)."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int):
-        raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__}")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    return _causal(seq_len, seq_len, device)
+    return _causal(check_int("seq_len", seq_len, min=1), seq_len, device)
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -103,8 +110,7 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     True where a key is a real token (may be attended), False at padding; it broadcasts over heads and
     queries, to (batch, heads, L, S).
     """
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    check_tensor("attention_mask", attention_mask)
     if attention_mask.ndim != 2:
         raise ValueError(f"attention_mask must have shape (batch, seq_len), got {tuple(attention_mask.shape)}")
     if not ((attention_mask == 0) | (attention_mask == 1)).all():
@@ -115,7 +121,8 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- scaled dot-product attention
 
 
-def _attention(q, k, v, mask, is_causal, scale, dropout_p=0.0):
+def _attention(q: Any, k: Any, v: Any, mask: Any, is_causal: Any, scale: Any,
+               dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA with optional dropout on the weights (for MultiHeadAttention); returns (out, weights)."""
     batch_shape, L, S = _check_qkv(q, k, v)
     scale = _check_options(q, mask, is_causal, scale)
@@ -136,22 +143,33 @@ def _attention(q, k, v, mask, is_causal, scale, dropout_p=0.0):
     return weights @ v, weights  # softmax(QKᵀ/√d_k) V, (..., L, d_v)
 
 
-def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False, scale=None):
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False, scale: float | None = None, *, mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """softmax(QKᵀ/√d_k + M) V (chapter 2, "Attention and the Transformer", eq. (sdpa)).
+
+    Unlike ``torch.nn.functional.scaled_dot_product_attention``, it returns the attention weights too,
+    ``(out, weights)``, by default: they are what the chapter looks at. ``need_weights=False`` returns
+    ``out`` alone, as torch's function does. The other arguments are torch's (no ``dropout_p``).
 
     Args:
         q: queries (..., L, d_k), e.g. (batch, heads, L, d_head).
         k: keys (..., S, d_k); S may differ from L (cross-attention).
         v: values (..., S, d_v).
-        mask: None, bool (True = may attend) or float (added to the scores), broadcastable to (..., L, S).
-        is_causal: mask out keys j > i; not together with ``mask``.
+        attn_mask: None, bool (True = may attend) or float (added to the scores), broadcastable to
+            (..., L, S); ``mask=`` is the same argument under its older name.
+        is_causal: mask out keys j > i; not together with ``attn_mask``.
         scale: multiplies QKᵀ; default 1/√d_k.
+        need_weights: return ``(out, weights)`` (True) or ``out`` (False).
 
     Returns:
         ``(out, weights)``: out (..., L, d_v) and the attention weights (..., L, S); each row sums to 1,
         masked keys get exactly 0, and a row whose keys are all masked gets weights 0 and output 0.
     """
-    return _attention(q, k, v, mask, is_causal, scale)
+    out, weights = _attention(q, k, v, _pick_mask(attn_mask, mask), is_causal, scale)
+    return (out, weights) if check_bool("need_weights", need_weights) else out
 
 
 # --------------------------------------------------------------------------- multi-head attention
@@ -163,6 +181,11 @@ class MultiHeadAttention(nn.Module):
     ``MHA(X) = concat(head_1, ..., head_h) W_O`` with ``head_i = softmax(Q_i K_iᵀ/√d_head) V_i`` and
     ``Q = X W_Q``, ``K = X W_K``, ``V = X W_V``, as in BERT (``from_hf_bert`` copies a real layer's weights).
 
+    Mask polarity: a bool ``mask`` is True where a query MAY attend, as in
+    ``F.scaled_dot_product_attention`` — the OPPOSITE of ``torch.nn.MultiheadAttention``, whose bool
+    ``attn_mask`` and ``key_padding_mask`` are True where attention is NOT allowed. To reuse a mask made for
+    ``nn.MultiheadAttention``, pass ``~mask``. Float masks (added to the scores) mean the same in both.
+
     Args:
         d_model: width of the input and output.
         n_heads: number of heads; must divide d_model.
@@ -172,15 +195,12 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_heads", n_heads)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_int("d_model", d_model, min=1)
+        check_int("n_heads", n_heads, min=1)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_bool("bias", bias)
+        check_real("dropout", dropout, min=0, max=1, max_open=True)
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.dropout = float(dropout)
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)  # W_Q
@@ -195,15 +215,16 @@ class MultiHeadAttention(nn.Module):
         batch, seq_len, _ = x.shape
         return x.view(batch, seq_len, self.n_heads, self.d_head).transpose(1, 2)  # (batch, heads, L, d_head)
 
-    def forward(self, x, mask=None, is_causal=False, need_weights=False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (batch, L, d_model) -> ``(out, weights)``: out (batch, L, d_model); weights (batch, heads, L, L)
         (those that multiplied V, so after dropout in training) if ``need_weights``, else None.
 
-        ``mask`` is bool (True = may attend) or float (added), broadcastable to (batch, heads, L, L), e.g.
-        ``padding_mask(attention_mask)`` or ``causal_mask(L)``.
+        ``mask`` is bool (True = MAY attend, the opposite of ``nn.MultiheadAttention``) or float (added),
+        broadcastable to (batch, heads, L, L), e.g. ``padding_mask(attention_mask)`` or ``causal_mask(L)``.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x)
+        check_bool("need_weights", need_weights)
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (batch, seq_len, d_model={self.d_model}), got {tuple(x.shape)}")
         batch, seq_len, _ = x.shape
@@ -251,14 +272,17 @@ class MultiHeadAttention(nn.Module):
 # --------------------------------------------------------------------------- tiled attention
 
 
-def _tile(mask, q0, q1, k0, k1):
+def _tile(mask: torch.Tensor, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
     """The (..., q1-q0, k1-k0) block of a mask that broadcasts to (..., L, S) (size-1 dims stay whole)."""
     rows = slice(None) if mask.shape[-2] == 1 else slice(q0, q1)
     cols = slice(None) if mask.shape[-1] == 1 else slice(k0, k1)
     return mask[..., rows, cols]
 
 
-def tiled_attention(q, k, v, block_size=128, mask=None, is_causal=False, scale=None):
+def tiled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 128, attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False, scale: float | None = None, *, mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(QKᵀ/√d_k + M) V one tile at a time, with an online softmax (chapter 2, eq. (online-softmax);
     Dao et al. 2022, "FlashAttention", algorithm 1).
 
@@ -267,18 +291,20 @@ def tiled_attention(q, k, v, block_size=128, mask=None, is_causal=False, scale=N
     acc = Σ exp(s - m) v. When a new block raises the max, the old ℓ and acc are rescaled by exp(m_old - m_new).
     Only (batch·heads, block, block) score tiles exist; never the (..., L, S) matrix. With ``is_causal``,
     key blocks entirely above the diagonal are skipped. Same arguments and result as
-    :func:`scaled_dot_product_attention` (fully masked rows give 0), without the weights; differentiable.
+    :func:`scaled_dot_product_attention` (fully masked rows give 0), returning ``out`` only; differentiable.
+    As in FlashAttention's kernels, m, ℓ and acc are kept in float32 (float64 stays float64) whatever the
+    input dtype, and only the result is cast back: fp16/bf16 inputs keep SDPA's accuracy.
     """
     batch_shape, L, S = _check_qkv(q, k, v)
+    mask = _pick_mask(attn_mask, mask)
     scale = _check_options(q, mask, is_causal, scale)
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    check_int("block_size", block_size, min=1)
     if mask is not None:
         _check_mask_shape(mask, torch.Size((*batch_shape, L, S)))
         mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)  # at least (L or 1, S or 1)
-    d_k, d_v = q.shape[-1], v.shape[-1]
+    d_k, d_v, in_dtype = q.shape[-1], v.shape[-1], q.dtype
+    # scores, m, ℓ and acc in float32 at least, as FlashAttention's kernels keep them (no-op for fp32/fp64)
+    q, k, v = (t.to(torch.promote_types(in_dtype, torch.float32)) for t in (q, k, v))
     # batch and heads flattened into one dim, so each tile is one batched matmul: (batch·heads, seq, dim)
     q = (q * scale).expand(*batch_shape, L, d_k).reshape(-1, L, d_k)  # Q/√d_k, scaled once, not per tile
     k_t = k.expand(*batch_shape, S, d_k).reshape(-1, S, d_k).transpose(1, 2)  # Kᵀ, (batch·heads, d_k, S)
@@ -313,4 +339,4 @@ def tiled_attention(q, k, v, block_size=128, mask=None, is_causal=False, scale=N
             acc = torch.baddbmm(acc * rescale, p, v[:, k0:k1])  # acc_new = e^(m_old-m_new) acc_old + P_ij V_j
             m = m_new
         out[:, q0:q1] = acc / norm.masked_fill(norm == 0, 1.0)  # O_i = acc / ℓ; fully masked rows stay 0
-    return out.view(*batch_shape, L, d_v)
+    return out.view(*batch_shape, L, d_v).to(in_dtype)  # back to the input dtype

@@ -1,5 +1,6 @@
-"""What "lightweight" measures: parameters, bytes, FLOPs and latency (chapter 1, "Measuring what lightweight
-means").
+"""What "lightweight" measures, by arithmetic: parameters, bytes and FLOPs (chapter 1, "Measuring what
+lightweight means"). Nothing here runs a model; timing and peak memory are in :mod:`lightlm.bench`
+(``cost.benchmark``, ``cost.peak_memory`` and ``cost.Timing`` still resolve there, imported on first use).
 
 Conventions: GB means 10^9 bytes (so a 7B-parameter model at fp16 holds 14 GB of weights); FLOPs count a
 multiply and an add as two operations, as ``torch.utils.flop_counter`` does.
@@ -7,23 +8,20 @@ multiply and an add as two operations, as ``torch.utils.flop_counter`` does.
 
 from __future__ import annotations
 
-import os
-import statistics
-import sys
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from ._checks import check_bool, check_int, check_module, check_real
+
+__all__ = ["count_parameters", "parameter_report", "parameter_groups", "param_count_from_config",
+           "lora_param_count", "BYTES_PER_PARAM", "bytes_per_param", "model_size_bytes", "weight_memory",
+           "memory_table", "format_bytes", "matmul_params", "flops_per_token"]
+
+_MOVED_TO_BENCH = ("Timing", "benchmark", "peak_memory")
+
 # --------------------------------------------------------------------------- parameters
-
-
-def _check_module(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False, non_embedding: bool = False) -> int:
@@ -37,7 +35,9 @@ def count_parameters(model: nn.Module, trainable_only: bool = False, non_embeddi
         non_embedding: leave out the weights of ``nn.Embedding`` modules (token, position and token-type
             tables), the convention of Kaplan et al. (2020); a tied output layer goes with its embedding.
     """
-    _check_module(model)
+    check_module("model", model)
+    check_bool("trainable_only", trainable_only)
+    check_bool("non_embedding", non_embedding)
     skip: set[int] = set()
     if non_embedding:
         skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
@@ -63,7 +63,7 @@ def parameter_groups(model: nn.Module) -> dict[str, int]:
     attention; any other Linear/Conv1D inside a layer ("layer"/"layers"/"h"/"block" in the name) -> mlp;
     the rest (poolers, untied heads) -> other. Shared tensors are counted once, with their first owner.
     """
-    _check_module(model)
+    check_module("model", model)
     groups = dict.fromkeys(("embeddings", "attention", "mlp", "norms", "other"), 0)
     seen: set[int] = set()
     for name, module in model.named_modules():
@@ -94,21 +94,30 @@ def _get(config: Any, *names: str) -> Any:
     raise ValueError(f"config has none of the fields {names}")
 
 
+def _optional(config: Any, name: str) -> Any:
+    """A config field that may be missing (None then)."""
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
 def param_count_from_config(config: Any) -> int:
     """Parameters of a Hugging Face base model computed from its configuration alone (chapter 1).
 
     Supported ``model_type``: ``bert`` (``BertModel`` with its pooler), ``distilbert`` (``DistilBertModel``),
     ``gpt2`` (``GPT2Model``; the LM head is tied to the token embedding) and ``llama``
-    (``LlamaForCausalLM``, with a separate LM head unless ``tie_word_embeddings``). Reproduces the published
-    counts: BERT-base 109,482,240; DistilBERT 66,362,880; GPT-2 small 124,439,808.
+    (``LlamaForCausalLM``, with a separate LM head unless ``tie_word_embeddings``, and the biases that
+    ``attention_bias`` and ``mlp_bias`` add). Reproduces the published counts: BERT-base 109,482,240;
+    DistilBERT 66,362,880; GPT-2 small 124,439,808; SmolLM2-135M 134,515,008.
 
     Args:
         config: a ``transformers`` config object or a dict with the same fields.
     """
+    if not isinstance(config, dict) and not hasattr(config, "model_type"):
+        raise TypeError(f"config must be a transformers config or a dict, got {type(config).__name__}")
     kind = _get(config, "model_type")
     if kind == "bert":
-        d, layers, ffn = _get(config, "hidden_size"), _get(config, "num_hidden_layers"), _get(config, "intermediate_size")
-        embeddings = (_get(config, "vocab_size") + _get(config, "max_position_embeddings") + _get(config, "type_vocab_size")) * d + 2 * d
+        d, layers, ffn = (_get(config, name) for name in ("hidden_size", "num_hidden_layers", "intermediate_size"))
+        tables = _get(config, "vocab_size") + _get(config, "max_position_embeddings") + _get(config, "type_vocab_size")
+        embeddings = tables * d + 2 * d  # token, position and token-type tables, then a LayerNorm
         layer = 4 * (d * d + d) + 2 * d + (d * ffn + ffn) + (ffn * d + d) + 2 * d  # attention, LN, FFN, LN
         return embeddings + layers * layer + (d * d + d)  # + pooler
     if kind == "distilbert":
@@ -118,20 +127,22 @@ def param_count_from_config(config: Any) -> int:
         return embeddings + layers * layer
     if kind == "gpt2":
         d, layers = _get(config, "n_embd"), _get(config, "n_layer")
-        ffn = getattr(config, "n_inner", None) if not isinstance(config, dict) else config.get("n_inner")
-        ffn = ffn or 4 * d
+        ffn = _optional(config, "n_inner") or 4 * d
         embeddings = (_get(config, "vocab_size") + _get(config, "n_positions")) * d
         layer = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * ffn + ffn) + (ffn * d + d)
         return embeddings + layers * layer + 2 * d  # + final LayerNorm
     if kind == "llama":
-        d, layers, ffn = _get(config, "hidden_size"), _get(config, "num_hidden_layers"), _get(config, "intermediate_size")
+        d, layers, ffn = (_get(config, name) for name in ("hidden_size", "num_hidden_layers", "intermediate_size"))
         heads = _get(config, "num_attention_heads")
         kv_heads = _get(config, "num_key_value_heads", "num_attention_heads")
-        head_dim = (config.get("head_dim") if isinstance(config, dict) else getattr(config, "head_dim", None)) or d // heads
+        head_dim = _optional(config, "head_dim") or d // heads
         vocab = _get(config, "vocab_size")
         attention = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2  # q, o and k, v (grouped-query)
-        layer = attention + 3 * d * ffn + 2 * d  # gate/up/down MLP, two RMSNorms
-        tied = config.get("tie_word_embeddings", False) if isinstance(config, dict) else getattr(config, "tie_word_embeddings", False)
+        if _optional(config, "attention_bias"):
+            attention += heads * head_dim + 2 * kv_heads * head_dim + d  # q, k, v and o biases
+        mlp = 3 * d * ffn + ((2 * ffn + d) if _optional(config, "mlp_bias") else 0)  # gate/up/down (+ biases)
+        layer = attention + mlp + 2 * d  # two RMSNorms
+        tied = _optional(config, "tie_word_embeddings")
         return vocab * d + layers * layer + d + (0 if tied else vocab * d)
     raise ValueError(f"model_type {kind!r} is not supported; supported: bert, distilbert, gpt2, llama")
 
@@ -139,10 +150,7 @@ def param_count_from_config(config: Any) -> int:
 def lora_param_count(d_in: int, d_out: int, r: int, n_matrices: int = 1) -> int:
     """Trainable parameters LoRA adds: ``n_matrices · r · (d_in + d_out)`` (A is r×d_in, B is d_out×r)."""
     for name, value in (("d_in", d_in), ("d_out", d_out), ("r", r), ("n_matrices", n_matrices)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        check_int(name, value, min=1)
     if r > min(d_in, d_out):
         raise ValueError(f"rank r={r} exceeds min(d_in, d_out)={min(d_in, d_out)}: the update would not be low-rank")
     return n_matrices * r * (d_in + d_out)
@@ -151,66 +159,93 @@ def lora_param_count(d_in: int, d_out: int, r: int, n_matrices: int = 1) -> int:
 # --------------------------------------------------------------------------- bytes and memory
 
 BYTES_PER_PARAM: dict[str, float] = {
-    "fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5, "nf4": 0.5,
+    "fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "fp4": 0.5, "int4": 0.5,
+    "nf4": 0.5,
 }
 _ALIASES = {
-    "float64": "fp64", "double": "fp64", "float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
-    "bfloat16": "bf16", "uint8": "int8", "qint8": "int8", "quint8": "int8", "uint4": "int4",
+    "double": "fp64", "float": "fp32", "half": "fp16", "qint8": "int8", "quint8": "int8", "nvfp4": "fp4",
+    "mxfp4": "fp4",
 }
+# torch dtypes narrower than a byte: their bits / 8. torch stores uint1..7 and int1..7 one per byte (it
+# does not pack them), yet the format is N bits; float4_e2m1fn_x2 and quint4x2 hold two 4-bit values
+# per element, quint2x4 four 2-bit values. Looked up by name: older torch builds lack some of them.
+_SUB_BYTE = {f"{sign}int{bits}": bits / 8 for sign in ("u", "") for bits in range(1, 8)}
+_SUB_BYTE.update({"float4_e2m1fn_x2": 0.5, "quint4x2": 0.5, "quint2x4": 0.25})
 
 
 def bytes_per_param(dtype: torch.dtype | str) -> float:
-    """Bytes that one parameter takes: 4 for fp32, 2 for fp16/bf16, 1 for int8, 0.5 for int4/nf4.
+    """Bytes that one parameter takes in a format: its bits / 8 (4 for fp32, 2 for fp16, 0.5 for int4).
 
-    Accepts a ``torch.dtype`` or a name such as ``"fp16"``, ``"bfloat16"``, ``"int4"``. Quantized formats
-    also store scales (and zero-points); that overhead is not included here (see the quantization chapter).
+    Accepts a ``torch.dtype`` or a name: ``"fp16"``, ``"bf16"``, ``"int4"``, ``"nf4"`` ... or any torch dtype
+    name (``"bfloat16"``, ``"torch.uint4"``). Sub-byte formats count their bits: ``torch.uint4``, ``"int4"``
+    and ``"uint4"`` are all 0.5, ``torch.int2`` 0.25, and a packed ``torch.float4_e2m1fn_x2`` element holds
+    two parameters, 0.5 byte each. Quantized formats also store scales (and zero-points); that overhead is
+    not included here (see the quantization chapter).
     """
-    if isinstance(dtype, torch.dtype):
-        if dtype.is_complex or dtype == torch.bool:
-            raise ValueError(f"{dtype} is not a parameter dtype")
-        return torch.empty((), dtype=dtype).element_size()
-    if not isinstance(dtype, str):
-        raise TypeError(f"dtype must be a torch.dtype or a name, got {type(dtype).__name__}")
-    key = _ALIASES.get(dtype.lower().removeprefix("torch."), dtype.lower())
-    if key not in BYTES_PER_PARAM:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(BYTES_PER_PARAM)} and torch dtypes")
-    return BYTES_PER_PARAM[key]
+    if isinstance(dtype, str):
+        name = dtype.lower().removeprefix("torch.")
+        name = _ALIASES.get(name, name)
+        if name in BYTES_PER_PARAM:
+            return BYTES_PER_PARAM[name]
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(BYTES_PER_PARAM)} and torch dtype names")
+        dtype = getattr(torch, name)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or a name such as 'fp16', got {type(dtype).__name__}")
+    if dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"{dtype} is not a parameter dtype (complex and bool are not)")
+    name = str(dtype).removeprefix("torch.")
+    return _SUB_BYTE[name] if name in _SUB_BYTE else dtype.itemsize
 
 
 def model_size_bytes(model: nn.Module, include_buffers: bool = True) -> int:
-    """Bytes held by a module's parameters (and buffers), each at its own dtype; shared tensors once."""
-    _check_module(model)
+    """Bytes held by a module's parameters (and buffers), each at its own dtype; shared tensors once.
+
+    Counts what torch allocates, ``numel × element_size`` per tensor (so a ``torch.uint4`` tensor, which
+    torch keeps one value per byte, counts 1 byte per value here and 0.5 in :func:`bytes_per_param`). Works
+    on the meta device, where models are sized without memory: tensors that share memory are recognised by
+    their address, and meta tensors, which have none, by identity.
+    """
+    check_module("model", model)
+    check_bool("include_buffers", include_buffers)
     tensors = list(model.parameters()) + (list(model.buffers()) if include_buffers else [])
     seen, total = set(), 0
     for tensor in tensors:
-        if tensor.data_ptr() in seen:
+        address = tensor.data_ptr() if tensor.device.type != "meta" else 0
+        key = (str(tensor.device), address) if address else ("id", id(tensor))  # no address: meta, empty
+        if key in seen:
             continue
-        seen.add(tensor.data_ptr())
+        seen.add(key)
         total += tensor.numel() * tensor.element_size()
     return total
 
 
 def weight_memory(n_params: float, dtype: torch.dtype | str) -> float:
     """Bytes needed to hold ``n_params`` weights at ``dtype``: N × bytes per parameter."""
-    if not isinstance(n_params, (int, float)) or isinstance(n_params, bool):
-        raise TypeError(f"n_params must be a number, got {type(n_params).__name__}")
-    if n_params < 0:
-        raise ValueError(f"n_params must be >= 0, got {n_params}")
+    n_params = check_real("n_params", n_params, min=0)
     return n_params * bytes_per_param(dtype)
 
 
 def memory_table(
     sizes: dict[str, float] | None = None, dtypes: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 ) -> dict[str, dict[str, float]]:
-    """GB (10^9 bytes) of weights for each model size and dtype: ``{size_name: {dtype: GB}}``."""
+    """GB (10^9 bytes) of weights for each model size and dtype: ``{size_name: {dtype: GB}}``.
+
+    Args:
+        sizes: ``{name: number of parameters}``; default 1B, 7B and 70B.
+        dtypes: a tuple or list of dtype names or torch dtypes (see :func:`bytes_per_param`).
+    """
     sizes = sizes if sizes is not None else {"1B": 1e9, "7B": 7e9, "70B": 70e9}
+    if not isinstance(sizes, dict):
+        raise TypeError(f"sizes must be a dict {{name: number of parameters}}, got {type(sizes).__name__}")
+    if not isinstance(dtypes, (tuple, list)):
+        raise TypeError(f"dtypes must be a tuple or list of dtype names, e.g. ('fp16',), got {type(dtypes).__name__}")
     return {name: {dtype: weight_memory(n, dtype) / 1e9 for dtype in dtypes} for name, n in sizes.items()}
 
 
 def format_bytes(n_bytes: float) -> str:
-    """``1234567`` -> ``'1.23 MB'`` (decimal units)."""
-    if n_bytes < 0:
-        raise ValueError(f"n_bytes must be >= 0, got {n_bytes}")
+    """``1234567`` -> ``'1.23 MB'`` (decimal units); n_bytes a finite number >= 0."""
+    n_bytes = check_real("n_bytes", n_bytes, min=0)
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n_bytes < 1000 or unit == "TB":
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.2f} {unit}"
@@ -226,7 +261,7 @@ def matmul_params(model: nn.Module) -> int:
 
     Embedding lookups cost no multiply-adds, so they are not included; a tied LM head is (it is a Linear).
     """
-    _check_module(model)
+    check_module("model", model)
     seen, total = set(), 0
     for module in model.modules():
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
@@ -244,105 +279,16 @@ def flops_per_token(n_matmul_params: int, n_layers: int = 0, context: int = 0, d
     layer when every query sees ``context`` keys (as dense kernels compute it, masked or not). Kaplan et al.
     (2020) quote ``2N + 2·n_layers·n_ctx·d_attn``, counting the score product only.
     """
-    for name, value in (("n_matmul_params", n_matmul_params), ("n_layers", n_layers), ("context", context), ("d_attn", d_attn)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    for name, value in (("n_matmul_params", n_matmul_params), ("n_layers", n_layers), ("context", context),
+                        ("d_attn", d_attn)):
+        check_int(name, value, min=0)
     return 2 * n_matmul_params + 4 * n_layers * context * d_attn
 
 
-# --------------------------------------------------------------------------- peak memory
+def __getattr__(name: str) -> Any:
+    """``cost.benchmark``, ``cost.peak_memory``, ``cost.Timing``: moved to :mod:`lightlm.bench`, found there."""
+    if name in _MOVED_TO_BENCH:
+        from . import bench
 
-
-@contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 (the profiler's C++ side logs "profiler_start/stop" lines there)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``fn()`` and return ``(result, peak_bytes)``: the largest amount of CPU tensor memory that was
-    live at once during the call, beyond what was allocated before it.
-
-    Measured with ``torch.profiler`` (``profile_memory=True``), which records the allocations and frees of
-    torch's CPU allocator op by op; the peak is the maximum of their running sum. A buffer that an operator
-    allocates and frees inside itself nets to zero at this granularity.
-    """
-    if not callable(fn):
-        raise TypeError("fn must be a callable taking no arguments")
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    # An op reports the memory it and its children allocated, so each op contributes its *self* memory
-    # (its total minus its children's); a free outside any op appears as a "[memory]" event.
-    events = [e for e in prof.events() if e.self_cpu_memory_usage]
-    events.sort(key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage  # positive for an allocation, negative for a free
-        peak = max(peak, live)
-    return result, peak
-
-
-# --------------------------------------------------------------------------- timing
-
-
-@dataclass
-class Timing:
-    """Result of :func:`benchmark`. ``ratio`` = baseline median / median (a speed-up when > 1)."""
-
-    median: float
-    times: list[float] = field(repr=False)
-    baseline_median: float | None = None
-    baseline_times: list[float] | None = field(default=None, repr=False)
-
-    @property
-    def ratio(self) -> float | None:
-        return None if self.baseline_median is None else self.baseline_median / self.median
-
-    def __str__(self) -> str:
-        text = f"median {self.median * 1e3:.2f} ms over {len(self.times)} runs"
-        if self.ratio is not None:
-            text += f"; baseline {self.baseline_median * 1e3:.2f} ms; ratio {self.ratio:.2f}x"
-        return text
-
-
-def benchmark(
-    fn: Callable[[], Any], *, baseline: Callable[[], Any] | None = None, warmup: int = 2, repeat: int = 7
-) -> Timing:
-    """Time a zero-argument callable: ``warmup`` untimed calls, then the median of ``repeat`` timed calls.
-
-    With ``baseline``, both are timed in alternating order in the same loop, so a slow moment of a shared
-    machine hits both alike, and ``Timing.ratio`` gives baseline / fn. Wrap calls in ``torch.inference_mode``
-    yourself when timing inference.
-    """
-    if not callable(fn) or (baseline is not None and not callable(baseline)):
-        raise TypeError("fn and baseline must be callables taking no arguments")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
-    callables = [fn] if baseline is None else [fn, baseline]
-    for _ in range(warmup):
-        for call in callables:
-            call()
-    times: list[list[float]] = [[] for _ in callables]
-    for round_ in range(repeat):
-        order = range(len(callables)) if round_ % 2 == 0 else reversed(range(len(callables)))
-        for index in order:
-            start = time.perf_counter()
-            callables[index]()
-            times[index].append(time.perf_counter() - start)
-    if baseline is None:
-        return Timing(statistics.median(times[0]), times[0])
-    return Timing(statistics.median(times[0]), times[0], statistics.median(times[1]), times[1])
+        return getattr(bench, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

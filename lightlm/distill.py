@@ -1,37 +1,35 @@
-"""Knowledge distillation (知识蒸馏): the KD loss (chapter 4, "The KD loss"), intermediate-layer losses and a
-Hugging Face ``Trainer`` (chapter 5, "Distilling a classifier"), top-k KD and forward/reverse KL for language
-models (chapter 6, "Distilling a causal LM").
+"""Knowledge distillation (知识蒸馏): the KD loss (chapter 4, "The KD loss"), intermediate-layer losses
+(chapter 5, "Distilling a classifier"), top-k KD and forward/reverse KL for language models (chapter 6,
+"Distilling a causal LM"). The Hugging Face ``Trainer`` of chapter 5 is in :mod:`lightlm.distill_trainer`
+(``distill.DistillationTrainer`` still finds it).
 
 Notation (see the glossary): ``z`` student logits, ``v`` teacher logits, temperature ``T``,
 ``p = softmax(v/T)`` the teacher's soft targets, ``q = softmax(z/T)`` the student's distribution. Logits have
 shape ``(..., C)``: every leading dim counts as a batch dim, and "mean over the batch" means the mean over all
 rows. ``alpha`` always weights the SOFT term (errata "Two conventions for α"): ``α_hard = 1 − α_soft``.
 ``T²`` is applied inside :func:`kd_loss` and :func:`topk_kd_loss`, never in :func:`kl_divergence`.
+Every loss takes the STUDENT first and the teacher second, as ``F.kl_div(input=student, target=teacher)``.
 Computation runs in float32 at least (float64 stays float64).
-
-Only torch is imported at load time; ``DistillationTrainer`` imports transformers when first used.
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_choice, check_int, check_real, check_tensor
+
 __all__ = ["softmax_t", "kd_loss", "distillation_loss", "kl_divergence", "HiddenProjection", "hidden_state_loss",
-           "attention_loss", "topk_teacher", "topk_kd_loss", "DistillationTrainer"]
+           "attention_loss", "topk_teacher", "topk_kd_loss"]
 
 # --------------------------------------------------------------------------- checks
 
 
 def _check_logits(logits, name: str) -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{name} must be floating-point, got dtype {logits.dtype}")
+    check_tensor(name, logits, kind="float")
     if logits.ndim < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{name} must have shape (..., classes) with at least one class, got {tuple(logits.shape)}")
 
@@ -48,17 +46,11 @@ def _check_pair(student, teacher, student_name="student_logits", teacher_name="t
 
 
 def _check_temperature(T) -> None:
-    if isinstance(T, bool) or not isinstance(T, Real):
-        raise TypeError(f"temperature T must be a number, got {type(T).__name__}")
-    if not 0 < T < math.inf:
-        raise ValueError(f"temperature T must be positive and finite, got {T}")
+    check_real("temperature T", T, min=0, min_open=True)  # positive and finite
 
 
 def _check_alpha(alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, Real):
-        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha (the weight of the soft term) must be in [0, 1], got {alpha}")
+    check_real("alpha (the weight of the soft term)", alpha, min=0, max=1)
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +113,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       T: float = 2.0, alpha: float = 0.5, ignore_index: int = -100) -> torch.Tensor:
-    """``α · T² KL(p ‖ q) + (1 − α) · CE(y, softmax(z))`` (chapter 4, eq. (distill-loss)).
+    """``α · T² KL(p ‖ q) + (1 − α) · CE(y, softmax(z))`` (chapter 4, eq. (kd-loss); chapter 5, eq. (distill-loss)).
 
     α weights the SOFT term: α = 1 is pure distillation, α = 0 plain fine-tuning on the labels. Sources that
     let α weight the hard term (article 003) mean ``α_hard = 1 − α_soft`` here. The hard term is taken at
@@ -135,10 +127,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     _check_pair(student_logits, teacher_logits)
     _check_temperature(T)
     _check_alpha(alpha)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+    check_tensor("labels", labels, kind="int")
+    check_int("ignore_index", ignore_index)
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(student_logits.shape[:-1])} (the logits without their "
                          f"class dim), got {tuple(labels.shape)}")
@@ -156,24 +146,26 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1 - alpha) * hard  # α weights the soft term
 
 
-def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, direction: str = "forward", T: float = 1.0,
-                  reduction: str = "mean") -> torch.Tensor:
-    """KL divergence between ``p = softmax(p_logits/T)`` (teacher) and ``q = softmax(q_logits/T)`` (student)
-    (chapter 6, eq. (kl-directions)); no T² factor: ``kd_loss(z, v, T) = T² · kl_divergence(v, z, T=T)``.
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "forward",
+                  T: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """KL divergence between the teacher's ``p = softmax(teacher_logits/T)`` and the student's
+    ``q = softmax(student_logits/T)`` (chapter 6, eq. (kl-directions)). Student first, teacher second, like
+    every loss here and ``F.kl_div(input=student, target=teacher)``. No T² factor:
+    ``kd_loss(z, v, T) = T² · kl_divergence(z, v, T=T)``.
 
     ``"forward"``: KL(p ‖ q) = Σ p log(p/q), mode covering: q is penalised wherever p has mass and q does not,
     so a unimodal q spreads over all of p's modes. ``"reverse"``: KL(q ‖ p) = Σ q log(q/p), mode seeking: q is
     penalised wherever it puts mass that p lacks, so it settles on one mode (as in MiniLLM, Gu et al. 2024).
     ``reduction``: ``"mean"`` over rows or ``"none"`` (one value per row).
     """
-    _check_pair(q_logits, p_logits, "q_logits", "p_logits")
+    _check_pair(student_logits, teacher_logits)
     _check_temperature(T)
     if direction not in ("forward", "reverse"):
-        raise ValueError(f"direction must be 'forward' (KL(p ‖ q)) or 'reverse' (KL(q ‖ p)), got {direction!r}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    log_p = F.log_softmax(_as_float(p_logits) / T, dim=-1)  # teacher
-    log_q = F.log_softmax(_as_float(q_logits) / T, dim=-1)  # student
+        raise ValueError(f"direction must be 'forward' (KL(p ‖ q), p the teacher) or 'reverse' (KL(q ‖ p)), "
+                         f"got {direction!r}")
+    check_choice("reduction", reduction, ("mean", "none"))
+    log_p = F.log_softmax(_as_float(teacher_logits) / T, dim=-1)  # teacher
+    log_q = F.log_softmax(_as_float(student_logits) / T, dim=-1)  # student
     if direction == "forward":
         kl = _kl_terms(log_p, log_q).sum(-1)  # KL(p ‖ q) = Σ_i p_i log(p_i / q_i)
     else:
@@ -189,11 +181,8 @@ class HiddenProjection(nn.Linear):
     train it with the student, drop it after distillation."""
 
     def __init__(self, d_student: int, d_teacher: int, bias: bool = True):
-        for name, value in (("d_student", d_student), ("d_teacher", d_teacher)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_int("d_student", d_student, min=1)
+        check_int("d_teacher", d_teacher, min=1)
         super().__init__(d_student, d_teacher, bias=bias)
 
 
@@ -280,8 +269,7 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int, T: float = 1.0) -> tuple[
     _check_logits(teacher_logits, "teacher_logits")
     _check_temperature(T)
     vocab = teacher_logits.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    check_int("k", k)
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, vocabulary size {vocab}], got {k}")
     with torch.no_grad():  # a target, never trained
@@ -307,17 +295,16 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
     _check_logits(student_logits, "student_logits")
     _check_logits(topk_values, "topk_values")
     _check_temperature(T)
-    if tail not in ("renormalise", "bucket"):
-        raise ValueError(f"tail must be 'renormalise' or 'bucket', got {tail!r}")
-    if not isinstance(topk_indices, torch.Tensor) or topk_indices.dtype.is_floating_point or \
-            topk_indices.dtype.is_complex or topk_indices.dtype == torch.bool:
-        raise TypeError("topk_indices must be a tensor of integer token ids")
+    check_choice("tail", tail, ("renormalise", "bucket"))
+    check_tensor("topk_indices", topk_indices, kind="int")  # integer token ids
     vocab, k = student_logits.shape[-1], topk_values.shape[-1]
     if k > vocab:
         raise ValueError(f"k = {k} cached teacher tokens exceed the student's vocabulary of {vocab}")
     if topk_indices.shape != topk_values.shape or topk_values.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"topk_values {tuple(topk_values.shape)} and topk_indices {tuple(topk_indices.shape)} must"
                          f" be (..., k) with the student's leading dims {tuple(student_logits.shape[:-1])}")
+    if topk_indices.numel() == 0:
+        raise ValueError(f"topk_indices {tuple(topk_indices.shape)} holds no token: nothing to distil")
     if topk_indices.min() < 0 or topk_indices.max() >= vocab:
         raise ValueError(f"topk_indices must be token ids in [0, {vocab}) (the student's vocabulary), got "
                          f"values in [{int(topk_indices.min())}, {int(topk_indices.max())}]")
@@ -335,57 +322,14 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
     return T * T * _masked_mean(kl, mask, "mask")
 
 
-# --------------------------------------------------------------------------- chapter 5: the Trainer
-
-
-def _make_distillation_trainer():
-    from transformers import Trainer  # imported here: `import lightlm.distill` stays light
-
-    class DistillationTrainer(Trainer):
-        """A ``transformers.Trainer`` whose loss is :func:`distillation_loss` (chapter 5, eq. (distill-loss)).
-
-        ``DistillationTrainer(model=student, args=..., train_dataset=..., teacher_model=teacher,
-        temperature=2.0, alpha=0.5)``. The teacher is frozen (``requires_grad=False``, eval mode), moved to
-        the training device and run under ``torch.no_grad()`` on the same inputs as the student, so teacher
-        and student must share the tokenizer. Batches must hold ``labels`` (-100 = no loss, as Hugging Face's
-        collators make them). ``causal_lm=True`` pairs the logits at position t with the label at t + 1.
-        Being a Trainer, the same script runs on many GPUs with ``accelerate launch`` or ``torchrun``.
-        """
-
-        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by GA steps
-
-        def __init__(self, *args, teacher_model: nn.Module, temperature: float = 2.0, alpha: float = 0.5,
-                     causal_lm: bool = False, **kwargs):
-            if not isinstance(teacher_model, nn.Module):
-                raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
-            _check_temperature(temperature)
-            _check_alpha(alpha)
-            super().__init__(*args, **kwargs)
-            self.model_accepts_loss_kwargs = False  # no num_items_in_batch: the loss is this batch's mean
-            self.teacher_model = teacher_model.requires_grad_(False).eval().to(self.args.device)
-            self.temperature, self.alpha, self.causal_lm = temperature, alpha, bool(causal_lm)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            if "labels" not in inputs:
-                raise ValueError("DistillationTrainer needs 'labels' in every batch (-100 where there is no loss)")
-            labels = inputs.pop("labels")  # the student must not compute its own loss
-            outputs = model(**inputs)
-            with torch.no_grad():
-                teacher_logits = self.teacher_model(**inputs).logits
-            student_logits = outputs.logits
-            if self.causal_lm:  # the logits at position t predict token t + 1
-                student_logits, teacher_logits, labels = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
-            loss = distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
-            return (loss, outputs) if return_outputs else loss
-
-    DistillationTrainer.__qualname__ = "DistillationTrainer"  # pickle finds it as lightlm.distill.DistillationTrainer
-    return DistillationTrainer
+# --------------------------------------------------------------------------- the Trainer, elsewhere
 
 
 def __getattr__(name: str):
-    """Build ``DistillationTrainer`` (and import transformers) on first access only."""
+    """``distill.DistillationTrainer``: the class lives in :mod:`lightlm.distill_trainer` (found there on first
+    access; that imports transformers)."""
     if name == "DistillationTrainer":
-        globals()[name] = trainer_class = _make_distillation_trainer()
-        return trainer_class
+        from .distill_trainer import DistillationTrainer
+
+        return DistillationTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,21 +14,14 @@ here".
 
 from __future__ import annotations
 
-from numbers import Real
-
 import torch
 import torch.nn.functional as F
+
+from ._checks import check_int, check_real, check_tensor
 
 __all__ = ["mlm_mask", "shift_for_causal_lm", "causal_lm_loss"]
 
 IGNORE_INDEX = -100
-
-
-def _check_ids(input_ids: torch.Tensor, name: str = "input_ids") -> None:
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
 
 
 def _check_mask(mask: torch.Tensor | None, input_ids: torch.Tensor, name: str) -> torch.Tensor | None:
@@ -40,11 +33,6 @@ def _check_mask(mask: torch.Tensor | None, input_ids: torch.Tensor, name: str) -
     if mask.shape != input_ids.shape:
         raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
     return mask.to(device=input_ids.device) != 0
-
-
-def _check_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def mlm_mask(
@@ -74,17 +62,12 @@ def mlm_mask(
         BERT and Hugging Face's ``DataCollatorForLanguageModeling``, a random replacement may by chance be the
         original token or a special one (probability 1/V each).
     """
-    _check_ids(input_ids)
-    _check_int(vocab_size, "vocab_size")
-    _check_int(mask_token_id, "mask_token_id")
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    check_tensor("input_ids", input_ids, kind="int")
+    check_int("vocab_size", vocab_size, min=1)
+    check_int("mask_token_id", mask_token_id)
     if not 0 <= mask_token_id < vocab_size:
         raise ValueError(f"mask_token_id must be a token of the vocabulary, in [0, {vocab_size}), got {mask_token_id}")
-    if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, Real):
-        raise TypeError(f"mlm_probability must be a real number, got {type(mlm_probability).__name__}")
-    if not 0.0 < mlm_probability < 1.0:
-        raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+    check_real("mlm_probability", mlm_probability, min=0, max=1, min_open=True, max_open=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     special = _check_mask(special_tokens_mask, input_ids, "special_tokens_mask")
@@ -128,8 +111,8 @@ def shift_for_causal_lm(
     Returns:
         ``(inputs, targets)``, each (batch, seq − 1).
     """
-    _check_ids(input_ids)
-    _check_int(ignore_index, "ignore_index")
+    check_tensor("input_ids", input_ids, kind="int")
+    check_int("ignore_index", ignore_index)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] < 2:
@@ -162,11 +145,8 @@ def causal_lm_loss(
     Returns:
         a scalar tensor, in nats per token (exp of it is the perplexity).
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
-    _check_ids(input_ids)
+    check_tensor("logits", logits, kind="float")
+    check_tensor("input_ids", input_ids, kind="int")
     if logits.ndim != 3 or input_ids.ndim != 2 or logits.shape[:2] != input_ids.shape:
         raise ValueError(f"logits must be (batch, seq, vocab) and input_ids (batch, seq) with the same batch and "
                          f"seq, got {tuple(logits.shape)} and {tuple(input_ids.shape)}")

@@ -7,13 +7,13 @@ follows ``torch.optim.Adam``'s single-tensor path operation for operation (``ler
 torch's to the last bit, and the state they keep (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``)
 loads into torch's optimizers and back.
 
-For one parameter θ with gradient g_t at step t = 1, 2, ... (Kingma & Ba 2015), eq. (adam):
+For one parameter θ with gradient g_t at step t = 1, 2, ... (Kingma & Ba 2015):
 
-    m_t = β1·m_{t-1} + (1 − β1)·g_t            v_t = β2·v_{t-1} + (1 − β2)·g_t²
-    m̂_t = m_t / (1 − β1^t)                      v̂_t = v_t / (1 − β2^t)
-    θ_t = θ_{t-1} − lr · m̂_t / (√v̂_t + ε)
+    m_t = β1·m_{t-1} + (1 − β1)·g_t            v_t = β2·v_{t-1} + (1 − β2)·g_t²       eq. (adam-moments)
+    m̂_t = m_t / (1 − β1^t)                      v̂_t = v_t / (1 − β2^t)               eq. (adam-bias)
+    θ_t = θ_{t-1} − lr · m̂_t / (√v̂_t + ε)                                            eq. (adam-update)
 
-Weight decay λ enters the two optimizers differently (Loshchilov & Hutter 2019), eq. (adamw):
+Weight decay λ enters the two optimizers differently (Loshchilov & Hutter 2019), eqs. (adam-l2) and (adamw):
 ``Adam`` adds an L2 term to the gradient, g_t ← g_t + λ·θ_{t-1}, which then passes through m and v and is
 divided by √v̂ like the rest of the gradient; ``AdamW`` decays the weights directly, θ ← θ − lr·λ·θ, before the
 Adam step, so every weight shrinks by the same factor (1 − lr·λ) whatever its gradient history.
@@ -24,41 +24,32 @@ to NAdam (Dozat 2016, ``torch.optim.NAdam``), not AdamP (Heo et al. 2021); see t
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Any, Callable, Iterable
 
 import torch
+
+from ._checks import check_bool, check_real
 
 __all__ = ["Adam", "AdamW"]
 
 
 def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: Any) -> None:
     """Raise a ValueError/TypeError that names the argument, what it was and what is allowed."""
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if math.isnan(value) or math.isinf(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if lr < 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0 (it keeps m̂ / (√v̂ + ε) finite when v̂ = 0), got {eps}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_real("lr", lr, min=0)
+    check_real("eps", eps, min=0, min_open=True)  # ε > 0 keeps m̂ / (√v̂ + ε) finite when v̂ = 0
+    check_real("weight_decay", weight_decay, min=0)
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {type(betas).__name__}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {len(betas)} values")
     for index, beta in enumerate(betas):
-        if isinstance(beta, bool) or not isinstance(beta, Real):
-            raise TypeError(f"betas[{index}] must be a real number, got {type(beta).__name__}")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{index}] must be in [0, 1), got {beta}")
-    if not isinstance(amsgrad, bool):
-        raise TypeError(f"amsgrad must be True or False, got {amsgrad!r}")
+        check_real(f"betas[{index}]", beta, min=0, max=1, max_open=True)
+    check_bool("amsgrad", amsgrad)
 
 
 class Adam(torch.optim.Optimizer):
-    """Adam with L2 weight decay (chapter 3, eq. (adam)); same signature and results as ``torch.optim.Adam``.
+    """Adam with L2 weight decay (chapter 3, eqs. (adam-moments), (adam-bias), (adam-update), (adam-l2)); same
+    signature and results as ``torch.optim.Adam``.
 
     Args:
         params: an iterable of tensors, or of dicts defining parameter groups (each may override any of the

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+__all__ = ["DEVICE_MEMORY_GB", "memory_bars", "latency_curves", "parameter_breakdown", "table", "attention_maps",
+           "softened_distributions"]
+
 DEVICE_MEMORY_GB = {"laptop (16 GB)": 16, "RTX 4090 (24 GB)": 24, "H100 (80 GB)": 80}
 
 
@@ -43,8 +46,8 @@ def memory_bars(table: dict[str, dict[str, float]], ax: Any = None, budgets: dic
 
 
 def latency_curves(
-    x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ax: Any = None, ylabel: str = "latency (ms)",
-    logx: bool = True, title: str | None = None,
+    x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ax: Any = None,
+    ylabel: str = "latency (ms)", logx: bool = True, title: str | None = None,
 ):
     """Lines of latency (or any cost) against one varying quantity, one line per model."""
     ax = _axes(ax)
@@ -78,7 +81,8 @@ def parameter_breakdown(breakdowns: dict[str, dict[str, int]], ax: Any = None):
     ax.set_xlim(0, 100)
     ax.set_xlabel("share of parameters (%)")
     ax.invert_yaxis()
-    ax.legend(fontsize=8, ncols=min(4, len(parts)), loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(breakdowns)))
+    ax.legend(fontsize=8, ncols=min(4, len(parts)), loc="upper center",
+              bbox_to_anchor=(0.5, -0.35 - 0.1 / len(breakdowns)))
     return ax
 
 

@@ -8,18 +8,26 @@ layout, so :meth:`TransformerBlock.from_hf_bert` loads a real BERT layer into it
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ._checks import check_bool, check_int, check_real, check_tensor
 from .attention import MultiHeadAttention, causal_mask, padding_mask
+
+__all__ = ["TransformerConfig", "TransformerBlock", "EncoderClassifier", "CausalLM"]
 
 
 @dataclass
 class TransformerConfig:
-    """Sizes of a small Transformer. ``d_ff`` defaults to ``4 * d_model``."""
+    """Sizes of a small Transformer. ``d_ff`` defaults to ``4 * d_model``.
+
+    ``pad_token_id``: None (the default), or the id of the padding token, which then becomes the token
+    embedding's ``padding_idx`` (as in Hugging Face's BERT and Llama): its row starts at zero and receives no
+    gradient from the embedding lookup. Setting it changes no other initial weight (the random draws are the
+    same); attention to padding is still controlled by ``attention_mask``.
+    """
 
     vocab_size: int
     d_model: int = 128
@@ -30,31 +38,29 @@ class TransformerConfig:
     dropout: float = 0.0
     norm_first: bool = True  # pre-LN (GPT-2, Llama); False gives post-LN (the original Transformer, BERT)
     n_classes: int = 2
-    pad_token_id: int = 0
+    pad_token_id: int | None = None
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len", "n_classes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name), min=1)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-        if not isinstance(self.d_ff, int) or self.d_ff < 1:
-            raise ValueError(f"d_ff must be a positive int, got {self.d_ff!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}")
+        check_int("d_ff", self.d_ff, min=1)
+        check_real("dropout", self.dropout, min=0, max=1, max_open=True)
+        check_bool("norm_first", self.norm_first)
+        check_real("layer_norm_eps", self.layer_norm_eps, min=0, min_open=True)
+        if self.pad_token_id is not None:
+            check_int("pad_token_id", self.pad_token_id, min=0, max=self.vocab_size - 1)
 
 
 class TransformerBlock(nn.Module):
     """Self-attention and a feed-forward network, each wrapped in a residual connection and a LayerNorm.
 
-    Pre-LN:  x = x + Attn(LN(x));  x = x + FFN(LN(x))        (chapter 2, eq. (pre-ln))
-    Post-LN: x = LN(x + Attn(x));  x = LN(x + FFN(x))        (chapter 2, eq. (post-ln))
+    Pre-LN:  x = x + Attn(LN(x));  x = x + FFN(LN(x))
+    Post-LN: x = LN(x + Attn(x));  x = LN(x + FFN(x))        (both: chapter 2, eq. (blocks))
     """
 
     def __init__(self, config: TransformerConfig):
@@ -82,11 +88,25 @@ class TransformerBlock(nn.Module):
         return x, weights
 
     @classmethod
-    def from_hf_bert(cls, bert_layer: nn.Module, n_heads: int) -> "TransformerBlock":
-        """A post-LN block holding a copy of a Hugging Face ``BertLayer``'s weights (GELU, same eps)."""
-        d_model = bert_layer.attention.self.query.in_features
-        d_ff = bert_layer.intermediate.dense.out_features
-        eps = bert_layer.output.LayerNorm.eps
+    def from_hf_bert(cls, bert_layer: nn.Module, n_heads: int | None = None) -> "TransformerBlock":
+        """A post-LN block holding a copy of a Hugging Face ``BertLayer``'s weights (GELU, same eps), in eval
+        mode (for inference; its own dropout is 0).
+
+        The number of heads is the layer's own ``num_attention_heads``; ``n_heads``, if given, is checked
+        against it (a ValueError when they differ).
+        """
+        try:
+            d_model = bert_layer.attention.self.query.in_features
+            layer_heads = bert_layer.attention.self.num_attention_heads
+            d_ff = bert_layer.intermediate.dense.out_features
+            eps = bert_layer.output.LayerNorm.eps
+        except AttributeError:
+            raise TypeError(f"expected a Hugging Face BertLayer (model.encoder.layer[i]), "
+                            f"got {type(bert_layer).__name__}") from None
+        if n_heads is not None and check_int("n_heads", n_heads, min=1) != layer_heads:
+            raise ValueError(f"n_heads={n_heads} but the BERT layer has num_attention_heads={layer_heads}; "
+                             "leave n_heads out to take the layer's")
+        n_heads = layer_heads
         config = TransformerConfig(vocab_size=1, d_model=d_model, n_heads=n_heads, n_layers=1, d_ff=d_ff,
                                    norm_first=False, layer_norm_eps=eps)
         block = cls(config)
@@ -100,18 +120,32 @@ class TransformerBlock(nn.Module):
         return block.eval()
 
 
+def _check_ids(input_ids: torch.Tensor, config: TransformerConfig) -> None:
+    """input_ids: an integer tensor (batch, seq) of ids in [0, vocab_size)."""
+    check_tensor("input_ids", input_ids, kind="int")
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
+        raise ValueError(f"token ids must be in [0, vocab_size={config.vocab_size}), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
 class _Backbone(nn.Module):
     """Token + learned position embeddings, then ``n_layers`` blocks (and a final LN when pre-LN)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         self.position_embedding = nn.Embedding(config.max_len, config.d_model)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
-        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else nn.Identity()
+        self.final_norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first
+                           else nn.Identity())
         self.dropout = nn.Dropout(config.dropout)
         self.apply(self._init)
+        if config.pad_token_id is not None:  # padding_idx: a zero row, as nn.Embedding makes it (no random draw)
+            with torch.no_grad():
+                self.token_embedding.weight[config.pad_token_id].zero_()
 
     @staticmethod
     def _init(module: nn.Module) -> None:  # GPT-2's initialisation: N(0, 0.02), zero biases
@@ -122,13 +156,15 @@ class _Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool,
                 need_weights: bool):
-        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        _check_ids(input_ids, self.config)
         batch, seq = input_ids.shape
         if seq > self.config.max_len:
             raise ValueError(f"sequence length {seq} exceeds max_len={self.config.max_len}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                                 f"{tuple(input_ids.shape)}")
         positions = torch.arange(seq, device=input_ids.device)
         x = self.dropout(self.token_embedding(input_ids) + self.position_embedding(positions))  # (batch, seq, d)
         mask = None
@@ -195,13 +231,18 @@ class CausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Append ``max_new_tokens`` tokens: greedy when ``temperature == 0``, else sampled from
-        softmax(logits / temperature), optionally restricted to the ``top_k`` most likely tokens."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0 or math.isnan(temperature):
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}")
+        softmax(logits / temperature), optionally restricted to the ``top_k`` most likely tokens.
+
+        ``input_ids``: (batch, seq) integer prompt ids; the model reads at most its last ``max_len`` tokens.
+        Returns (batch, seq + max_new_tokens). The train/eval mode is restored afterwards.
+        """
+        _check_ids(input_ids, self.config)
+        check_int("max_new_tokens", max_new_tokens, min=0)
+        temperature = check_real("temperature", temperature, min=0)
+        if top_k is not None:
+            check_int("top_k", top_k, min=1, max=self.config.vocab_size)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         was_training = self.training
         self.eval()
         ids = input_ids

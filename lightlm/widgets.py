@@ -4,20 +4,36 @@ figure beside it."""
 
 from __future__ import annotations
 
+import html
+from typing import Any, Sequence
+
 from . import cost
+from ._checks import check_real
+
+__all__ = ["memory_explorer", "temperature_explorer"]
 
 
-def memory_explorer(default_params: float = 7e9, default_dtype: str = "fp16", dtypes=("fp32", "fp16", "bf16", "int8", "int4")):
+def memory_explorer(default_params: float = 7e9, default_dtype: str = "fp16",
+                    dtypes: Sequence[str] = ("fp32", "fp16", "bf16", "int8", "int4")) -> Any:
     """A slider (parameters, log scale) and a dropdown (dtype) -> GB of weights and which devices hold them.
+
+    Args:
+        default_params: the slider's starting number of parameters, in [1e6, 1e12].
+        default_dtype: the starting dtype, one of ``dtypes``.
+        dtypes: dtype names (see :func:`lightlm.cost.bytes_per_param`).
 
     Returns:
         an ``ipywidgets.VBox``; or, without ipywidgets, a static matplotlib figure of the same grid.
     """
-    cost.bytes_per_param(default_dtype)  # validates the dtype name
+    if not isinstance(dtypes, (tuple, list)) or not all(isinstance(d, str) for d in dtypes):
+        raise TypeError(f"dtypes must be a tuple or list of dtype names, got {dtypes!r}")
+    for dtype in dtypes:
+        cost.bytes_per_param(dtype)  # validates each name
+    if not isinstance(default_dtype, str):
+        raise TypeError(f"default_dtype must be a dtype name, got {type(default_dtype).__name__}")
     if default_dtype not in dtypes:
-        raise ValueError(f"default_dtype {default_dtype!r} must be one of {dtypes}")
-    if not 1e6 <= default_params <= 1e12:
-        raise ValueError(f"default_params must be in [1e6, 1e12], got {default_params}")
+        raise ValueError(f"default_dtype {default_dtype!r} must be one of {tuple(dtypes)}")
+    check_real("default_params", default_params, min=1e6, max=1e12)
     try:
         import ipywidgets as w
     except ImportError:
@@ -48,8 +64,12 @@ def memory_explorer(default_params: float = 7e9, default_dtype: str = "fp16", dt
 _DEVICES = {"phone (8 GB)": 8, "laptop (16 GB)": 16, "RTX 4090 (24 GB)": 24, "H100 (80 GB)": 80}
 
 
-def temperature_explorer(logits, labels, default_temperature: float = 1.0):
-    """A temperature slider over softmax(logits / T): the bars soften as T grows (chapter 4).
+def temperature_explorer(logits: Any, labels: Sequence[str], default_temperature: float = 1.0) -> Any:
+    """A temperature slider over softmax(logits / T): the bars soften as T grows (chapter 4, eq. (softmax-t)).
+
+    Args:
+        logits: 1-D, a tensor or a list of numbers; labels: one text per logit (shown as text, never as HTML);
+        default_temperature: the slider's start, in [0.1, 20].
 
     Returns an ``ipywidgets.VBox`` (slider + bar chart rendered as HTML); without ipywidgets, a static
     matplotlib figure at T = 1, 2, 5.
@@ -57,10 +77,11 @@ def temperature_explorer(logits, labels, default_temperature: float = 1.0):
     import torch
 
     logits = torch.as_tensor(logits, dtype=torch.float64)
+    if not isinstance(labels, (list, tuple)):
+        raise TypeError(f"labels must be a list or tuple of texts, got {type(labels).__name__}")
     if logits.ndim != 1 or len(labels) != len(logits):
         raise ValueError(f"need one label per logit: {tuple(logits.shape)} logits, {len(labels)} labels")
-    if not 0.1 <= default_temperature <= 20:
-        raise ValueError(f"default_temperature must be in [0.1, 20], got {default_temperature}")
+    check_real("default_temperature", default_temperature, min=0.1, max=20)
     try:
         import ipywidgets as w
     except ImportError:
@@ -76,7 +97,8 @@ def temperature_explorer(logits, labels, default_temperature: float = 1.0):
         probabilities = (logits / slider.value).softmax(-1).tolist()
         entropy = -sum(p * torch.tensor(p).log().item() for p in probabilities if p > 0)
         rows = "".join(
-            f"<tr><td style='padding-right:8px'>{label}</td><td><div style='background:#4c78a8;height:12px;"
+            f"<tr><td style='padding-right:8px'>{html.escape(str(label))}</td>"
+            f"<td><div style='background:#4c78a8;height:12px;"
             f"width:{300 * p:.1f}px'></div></td><td style='padding-left:6px'>{p:.3f}</td></tr>"
             for label, p in zip(labels, probabilities)
         )

@@ -1,7 +1,9 @@
 """Write the one setup cell into the first cell of every chapter notebook.
 
-The cell is generated here from _config.yml's repository URL and branch, so the URL lives in one place;
-tests/test_hygiene.py checks that every notebook holds exactly this text. Run after changing either:
+The cell is generated here from _config.yml's repository URL and lightlm's version (lightlm/__init__.py), so
+each lives in one place: in Colab a chapter installs the tag ``v<__version__>``, the library the book was built
+with, never the moving main branch (a release pushes that tag). tests/test_hygiene.py checks that every notebook
+holds exactly this text. Run after changing either:
 
     python scripts/sync_setup_cell.py            # rewrite the notebooks
     python scripts/sync_setup_cell.py --check    # exit 1 if any notebook differs
@@ -10,6 +12,7 @@ tests/test_hygiene.py checks that every notebook holds exactly this text. Run af
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,7 +27,7 @@ if "google.colab" in sys.modules:
     import subprocess
 
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["lightlm @ git+{url}@{branch}"], check=True)
+    subprocess.run(pip + ["lightlm @ git+{url}@{tag}"], check=True)
     import lightlm.zoo
 
     subprocess.run(pip + ["--no-deps", *lightlm.zoo.pip_requirements()], check=True)
@@ -41,16 +44,21 @@ lightlm.setup(seed=0)'''
 SETUP_TAGS = ["setup", "hide-cell"]
 
 
-def repository() -> tuple[str, str]:
+def repository() -> str:
     import yaml
 
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    return config["repository"]["url"].rstrip("/"), config["repository"].get("branch", "main")
+    return config["repository"]["url"].rstrip("/")
+
+
+def release_tag() -> str:
+    """``v`` + ``lightlm.__version__``, read from the source (nothing is imported)."""
+    text = (ROOT / "lightlm" / "__init__.py").read_text()
+    return "v" + re.search(r'^__version__ = "([^"]+)"$', text, re.M).group(1)
 
 
 def setup_cell_source() -> str:
-    url, branch = repository()
-    return TEMPLATE.format(url=url, branch=branch)
+    return TEMPLATE.format(url=repository(), tag=release_tag())
 
 
 def notebooks() -> list[Path]:

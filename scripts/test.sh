@@ -1,10 +1,30 @@
 #!/usr/bin/env bash
-# Run every test: library tests, notebook hygiene, every notebook executed (nbval), and the
-# browser test on the built HTML (so the book is built first). Installs what it needs first.
+# Run the tests. Installs what it needs first.
+#
+#   bash scripts/test.sh [PYTEST_ARGS...]         every test: library tests, notebook hygiene, every notebook
+#                                                 executed (nbval), and the browser test on the built HTML (so
+#                                                 the book is built first)
+#   bash scripts/test.sh --lib [PYTEST_ARGS...]   the library tests and notebook hygiene only, a few minutes:
+#                                                 Python environment only (no npm, no artefacts, no book build),
+#                                                 and no test marked slow (those that load a real model or
+#                                                 build an artefact: see tests/conftest.py) or browser
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/book.sh
 VENV=${LIGHTLM_VENV:-$(pwd)/.venv}
+
+if [ "${1:-}" = "--lib" ]; then
+  shift
+  bash scripts/setup.sh --python-only
+  export PATH="$VENV/bin:$PATH"
+  printf '\n== running the library tests (pytest tests -m "not slow and not browser")\n'
+  t0=$SECONDS
+  status=0
+  python -m pytest tests -m "not slow and not browser" "$@" || status=$?
+  echo "   library tests ran in $((SECONDS - t0)) s"
+  exit "$status"
+fi
+
+bash scripts/book.sh
 export PATH="$VENV/bin:$PATH"
 printf '\n== running the tests (pytest)\n'
 # One process: the notebooks time things, and two workers of two torch threads each on two cores would

@@ -1,7 +1,31 @@
-"""Shared fixtures: the real models are loaded once per test session (per xdist worker)."""
+"""Shared fixtures: the real models are loaded once per test session (per xdist worker).
+
+Also:
+* the ``slow`` marker is applied automatically (``pytest_collection_modifyitems``) to every test that loads a
+  real model or builds or loads a cached artefact, directly, through a fixture or through a helper of its
+  module: ``pytest tests -m "not slow"`` runs the fast library tests only (``bash scripts/test.sh --lib``);
+* hypothesis runs derandomized (profile "lightlm": the same examples on every run, no example database);
+  ``--hypothesis-profile=explore`` draws new examples.
+"""
+
+import ast
+import functools
+import inspect
+import re
+import textwrap
 
 import pytest
 import torch
+
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # pinned in requirements.txt; only tests/test_properties.py needs it
+    _hypothesis_settings = None
+else:
+    _hypothesis_settings.register_profile("lightlm", derandomize=True, database=None, deadline=None,
+                                          print_blob=True)
+    _hypothesis_settings.register_profile("explore", derandomize=False, database=None, deadline=None,
+                                          print_blob=True)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +50,79 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def pytest_configure(config):
+    if _hypothesis_settings is not None and not config.getoption("hypothesis_profile", None):
+        _hypothesis_settings.load_profile("lightlm")
+
+
+MODEL_FIXTURES = {"minilm", "smollm2"}
+# What loads a real model or builds or loads a cached artefact: zoo.load_minilm/load_smollm2, the chapter 5 and 6
+# artefacts (teachers.*rt_teacher*, lm_cache.build_lm_cache/load_lm_cache), any build_* builder, zoo.warm,
+# from_pretrained of a real checkpoint.
+HEAVY_CALL = re.compile(r"load_(minilm|smollm2|lm_cache)|\w*rt_teacher\w*|build_\w+|warm\w*|from_pretrained")
+HEAVY_CODE = re.compile(rf"\b({HEAVY_CALL.pattern})\s*\(")  # the same calls inside code run by a subprocess
+
+
+def _is_pytest_raises(node: ast.With) -> bool:
+    """``with pytest.raises(...)``: a call there is expected to fail at once, before loading anything."""
+    return any(isinstance(item.context_expr, ast.Call) and ast.unparse(item.context_expr.func) == "pytest.raises"
+               for item in node.items)
+
+
+@functools.lru_cache(maxsize=None)
+def _loads_a_model(func, depth: int = 0) -> bool:
+    """Whether ``func``'s source (or a helper of its module it calls, or a code string it runs) loads a real
+    model or builds an artefact."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    for definition in tree.body:  # decorators (parametrize lists) run at collection, not in the test
+        if isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            definition.decorator_list = []
+    names = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.With) and _is_pytest_raises(node):
+            continue
+        if isinstance(node, ast.Call):
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if HEAVY_CALL.fullmatch(called):
+                return True
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and HEAVY_CODE.search(node.value):
+            return True
+        elif isinstance(node, ast.Name):
+            names.add(node.id)
+        stack.extend(ast.iter_child_nodes(node))
+    module_globals = getattr(func, "__globals__", {})
+    for name in names:  # module-level code strings and helpers that the test uses
+        value = module_globals.get(name)
+        if isinstance(value, str) and HEAVY_CODE.search(value):
+            return True
+        if (inspect.isfunction(value) and value is not func and depth < 3
+                and value.__module__ == getattr(func, "__module__", None) and _loads_a_model(value, depth + 1)):
+            return True
+    return False
+
+
+def _is_slow(item: pytest.Function) -> bool:
+    if MODEL_FIXTURES & set(item.fixturenames):  # fixturenames is the closure: fixtures of fixtures too
+        return True
+    if _loads_a_model(item.function):
+        return True
+    fixture_info = getattr(item, "_fixtureinfo", None)
+    definitions = fixture_info.name2fixturedefs.values() if fixture_info is not None else ()
+    return any(_loads_a_model(definition.func) for defs in definitions for definition in defs)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark as ``slow`` every test that loads a real model or builds an artefact (see ``HEAVY_CALL``)."""
+    for item in items:
+        if isinstance(item, pytest.Function) and not item.get_closest_marker("slow") and _is_slow(item):
+            item.add_marker(pytest.mark.slow)

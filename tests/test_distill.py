@@ -99,7 +99,7 @@ def test_kl_equals_cross_entropy_minus_entropy():
     p, log_q = F.softmax(v, -1), F.log_softmax(z, -1)
     cross_entropy = -(p * log_q).sum(-1).mean()  # CE(p, q)
     entropy = -(p * p.log()).sum(-1).mean()  # H(p)
-    torch.testing.assert_close(distill.kl_divergence(v, z), cross_entropy - entropy)  # not H(p) − CE(p, q)
+    torch.testing.assert_close(distill.kl_divergence(z, v), cross_entropy - entropy)  # not H(p) − CE(p, q)
 
 
 def test_minimising_kl_and_soft_cross_entropy_give_the_same_gradient():
@@ -112,7 +112,20 @@ def test_minimising_kl_and_soft_cross_entropy_give_the_same_gradient():
 
 def test_kd_loss_is_t_squared_times_forward_kl_divergence():
     z, v = _student_teacher()
-    torch.testing.assert_close(distill.kd_loss(z, v, 3.0), 9.0 * distill.kl_divergence(v, z, "forward", T=3.0))
+    torch.testing.assert_close(distill.kd_loss(z, v, 3.0), 9.0 * distill.kl_divergence(z, v, "forward", T=3.0))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_divergence_takes_the_student_first_like_every_loss_and_f_kl_div(direction):
+    z, v = _student_teacher()  # student, teacher
+    log_q, log_p = F.log_softmax(z, -1), F.log_softmax(v, -1)
+    if direction == "forward":  # KL(p ‖ q): F.kl_div(input=log q, target=log p), student as the input
+        expected = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    else:  # KL(q ‖ p): the roles swapped
+        expected = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+    torch.testing.assert_close(distill.kl_divergence(z, v, direction), expected)
+    torch.testing.assert_close(distill.kl_divergence(student_logits=z, teacher_logits=v, direction=direction),
+                               expected)
 
 
 def test_distillation_loss_with_alpha_one_is_kd_loss():
@@ -274,7 +287,7 @@ def test_forward_kl_covers_both_modes_and_reverse_kl_seeks_one():
     teacher = bimodal.expand_as(students)
     best = {}
     for direction in ("forward", "reverse"):
-        kl = distill.kl_divergence(teacher, students, direction, reduction="none")
+        kl = distill.kl_divergence(students, teacher, direction, reduction="none")
         best[direction] = float(grid_mu[kl.argmin()]), float(grid_sigma[kl.argmin()])
     assert abs(best["forward"][0]) < 0.2 and best["forward"][1] > 2.0, best  # between the modes, wide
     assert abs(abs(best["reverse"][0]) - 2.5) < 0.2 and best["reverse"][1] < 0.8, best  # on one mode, narrow
@@ -393,37 +406,50 @@ LABELS = torch.tensor([0, 1])
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: distill.kd_loss(Z, V, T=0), ValueError, "positive"),
-        (lambda: distill.kd_loss(Z, V, T=-1.0), ValueError, "positive"),
-        (lambda: distill.softmax_t(Z, T=math.inf), ValueError, "positive and finite"),
-        (lambda: distill.kd_loss(Z, V, T="2"), TypeError, "number"),
+        (lambda: distill.kd_loss(Z, V, T=0), ValueError, "temperature T must be > 0, got 0"),
+        (lambda: distill.kd_loss(Z, V, T=-1.0), ValueError, "temperature T must be > 0, got -1.0"),
+        (lambda: distill.softmax_t(Z, T=math.inf), ValueError, "temperature T must be finite, got inf"),
+        (lambda: distill.kd_loss(Z, V, T="2"), TypeError, "temperature T must be a real number, got str"),
         (lambda: distill.kd_loss(Z, V[:, :4]), ValueError, "vocabulary mismatch"),
         (lambda: distill.kd_loss(Z, V[:1]), ValueError, "shape mismatch"),
-        (lambda: distill.kd_loss(Z.long(), V), TypeError, "floating-point"),
-        (lambda: distill.kd_loss(Z.tolist(), V), TypeError, "torch.Tensor"),
+        (lambda: distill.kd_loss(Z.long(), V), TypeError, "student_logits must be a floating-point tensor"),
+        (lambda: distill.kd_loss(Z.tolist(), V), TypeError, "student_logits must be a torch.Tensor, got list"),
         (lambda: distill.distillation_loss(Z, V, LABELS, alpha=1.5), ValueError, r"alpha .* \[0, 1\]"),
         (lambda: distill.distillation_loss(Z, V, LABELS, alpha=-0.1), ValueError, r"\[0, 1\]"),
-        (lambda: distill.distillation_loss(Z, V, LABELS.float()), TypeError, "integer class ids"),
+        (lambda: distill.distillation_loss(Z, V, LABELS.float()), TypeError, "labels must be an integer tensor"),
+        (lambda: distill.distillation_loss(Z, V, LABELS, alpha="0.5"), TypeError, "alpha .* must be a real number"),
+        (lambda: distill.distillation_loss(Z, V, LABELS, ignore_index=-100.0), TypeError,
+         "ignore_index must be an int, got float"),
         (lambda: distill.distillation_loss(Z, V, LABELS[:1]), ValueError, "labels must have shape"),
         (lambda: distill.distillation_loss(Z, V, torch.tensor([0, 5])), ValueError, r"\[0, 5\)"),
         (lambda: distill.distillation_loss(Z, V, torch.tensor([-100, -100])), ValueError, "every label"),
-        (lambda: distill.kl_divergence(V, Z, "sideways"), ValueError, "forward"),
+        (lambda: distill.kl_divergence(Z, V, "sideways"), ValueError, "direction must be 'forward'"),
+        (lambda: distill.kl_divergence(Z, V, reduction="sum"), ValueError, "reduction must be one of 'mean', 'none'"),
+        (lambda: distill.kl_divergence(Z, V[:, :4]), ValueError, "vocabulary mismatch: student_logits has 5"),
         (lambda: distill.hidden_state_loss(_logits(2, 3, 4), _logits(2, 3, 8)), ValueError, "HiddenProjection"),
         (lambda: distill.hidden_state_loss(_logits(2, 3, 8), _logits(2, 3, 8), attention_mask=torch.ones(2, 4)),
          ValueError, "attention_mask must have shape"),
         (lambda: distill.hidden_state_loss(_logits(2, 3, 8), _logits(2, 3, 8), attention_mask=torch.zeros(2, 3)),
          ValueError, "every position"),
-        (lambda: distill.HiddenProjection(0, 8), ValueError, "d_student"),
+        (lambda: distill.HiddenProjection(0, 8), ValueError, "d_student must be >= 1, got 0"),
+        (lambda: distill.HiddenProjection(8, 4.0), TypeError, "d_teacher must be an int, got float"),
         (lambda: distill.attention_loss(_logits(1, 2, 3, 3), _logits(1, 4, 3, 3)), ValueError, "heads"),
         (lambda: distill.attention_loss(_logits(1, 2, 3, 3), _logits(1, 2, 4, 4)), ValueError, "sequence"),
         (lambda: distill.attention_loss(_logits(2, 3, 3), _logits(2, 3, 3)), ValueError, "batch, heads, L, S"),
         (lambda: distill.topk_teacher(V, k=6), ValueError, "vocabulary size 5"),
         (lambda: distill.topk_teacher(V, k=0), ValueError, "k must be in"),
+        (lambda: distill.topk_teacher(V, k=2.0), TypeError, "k must be an int, got float"),
         (lambda: distill.topk_kd_loss(Z, _logits(2, 6), torch.zeros(2, 6, dtype=torch.long)), ValueError, "exceed"),
-        (lambda: distill.topk_kd_loss(Z, *distill.topk_teacher(V, 2), tail="drop"), ValueError, "renormalise"),
+        (lambda: distill.topk_kd_loss(Z, *distill.topk_teacher(V, 2), tail="drop"), ValueError,
+         "tail must be one of 'renormalise', 'bucket'; got 'drop'"),
+        (lambda: distill.topk_kd_loss(Z, _logits(2, 0), torch.zeros(2, 0, dtype=torch.long)), ValueError,
+         "topk_values must have shape .* at least one class"),
+        (lambda: distill.topk_kd_loss(Z[:0], _logits(0, 2), torch.zeros(0, 2, dtype=torch.long)), ValueError,
+         "holds no token"),
         (lambda: distill.topk_kd_loss(Z[:1], *distill.topk_teacher(V, 2)), ValueError, "leading dims"),
         (lambda: distill.topk_kd_loss(Z, _logits(2, 2), torch.tensor([[0, 9], [1, 2]])), ValueError, r"\[0, 5\)"),
-        (lambda: distill.topk_kd_loss(Z, _logits(2, 2), torch.zeros(2, 2)), TypeError, "integer token ids"),
+        (lambda: distill.topk_kd_loss(Z, _logits(2, 2), torch.zeros(2, 2)), TypeError,
+         "topk_indices must be an integer tensor"),
     ],
 )
 def test_rejects_bad_input_with_a_clear_error(call, error, message):
@@ -432,6 +458,25 @@ def test_rejects_bad_input_with_a_clear_error(call, error, message):
 
 
 def test_trainer_rejects_a_bad_alpha_before_building_anything(tmp_path):
-    with pytest.raises(ValueError, match=r"alpha .* \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"alpha .* \[0, 1\], got 2.0"):
         distill.DistillationTrainer(model=_tiny_bert(16, 1, seed=0), teacher_model=_tiny_bert(16, 1, seed=1),
                                     alpha=2.0)
+    with pytest.raises(TypeError, match="teacher_model must be a torch.nn.Module, got str"):
+        distill.DistillationTrainer(model=_tiny_bert(16, 1, seed=0), teacher_model="teacher")
+
+
+def test_the_trainer_lives_in_its_own_module_and_distill_still_finds_it():
+    import pickle
+
+    from lightlm import distill_trainer
+
+    assert distill.DistillationTrainer is distill_trainer.DistillationTrainer
+    assert pickle.loads(pickle.dumps(distill_trainer.DistillationTrainer)) is distill_trainer.DistillationTrainer
+    with pytest.raises(AttributeError, match="no attribute 'Trainer'"):
+        distill.Trainer
+
+
+def test_importing_the_trainer_module_does_not_import_transformers():
+    code = "import sys, lightlm.distill_trainer; print('transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

