@@ -17,8 +17,8 @@ from typing import Any, Collection
 
 import torch
 
-__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_tensor", "check_module",
-           "check_callable", "is_integer_dtype"]
+__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_tensor", "check_score_mask",
+           "check_module", "check_callable", "is_integer_dtype"]
 
 
 def _bound(name: str, value: Any, low: Any, high: Any, low_open: bool = False, high_open: bool = False) -> None:
@@ -114,6 +114,27 @@ def check_tensor(name: str, value: Any, *, kind: str | None = None,
     if min_ndim is not None and value.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(value.shape)}")
     return value
+
+
+def check_score_mask(name: str, mask: Any, scores_shape: torch.Size, scores: torch.Tensor) -> torch.Tensor:
+    """An attention mask as torch's SDPA takes it: bool (True = may attend) or float (added to the scores,
+    in the dtype of ``scores``), on the scores' device, broadcastable to ``scores_shape`` (..., L, S)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (True = may attend) or float (added to the scores), got {mask.dtype}")
+    if mask.is_floating_point() and mask.dtype != scores.dtype:
+        raise TypeError(f"a float {name} must have the dtype of the scores ({scores.dtype}), got {mask.dtype}")
+    if mask.device != scores.device:
+        raise ValueError(f"{name} must be on the scores' device ({scores.device}), got {mask.device}")
+    try:
+        fits = torch.broadcast_shapes(mask.shape, scores_shape) == scores_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
+                         f"{tuple(scores_shape)} (..., L queries, S keys)")
+    return mask
 
 
 def check_module(name: str, value: Any) -> torch.nn.Module:

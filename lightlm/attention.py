@@ -5,8 +5,7 @@ Masks follow ``torch.nn.functional.scaled_dot_product_attention``: a boolean mas
 attend to a key; a float mask is added to the scores (0 keeps a key, -inf removes it). A mask broadcasts to
 the score shape ``(..., L, S)``: L queries, S keys. ``is_causal`` lets query i see keys j <= i (the top-left
 aligned triangle, as torch does when L != S). The mask argument is called ``attn_mask``, as in torch
-(``mask=`` is accepted too). Beware: ``torch.nn.MultiheadAttention`` uses the OPPOSITE bool polarity (True =
-masked out); :class:`MultiHeadAttention` here keeps the SDPA one (True = may attend).
+(``mask=`` is accepted too); beware ``torch.nn.MultiheadAttention``, whose bool masks mean the opposite.
 
 A query whose keys are all masked (a fully masked row, by False or by -inf) gets weights 0 and output 0,
 never NaN, and finite gradients: the "safe softmax" of torch's own SDPA (checked on torch 2.13, CPU, fused
@@ -22,15 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_bool, check_int, check_real, check_tensor
+from ._checks import check_bool, check_int, check_real, check_score_mask, check_tensor
 
 __all__ = ["scaled_dot_product_attention", "causal_mask", "padding_mask", "MultiHeadAttention", "tiled_attention"]
 
 # --------------------------------------------------------------------------- checks
 
 
-def _check_qkv(q: Any, k: Any, v: Any) -> tuple[torch.Size, int, int]:
-    """Validate q (..., L, d_k), k (..., S, d_k), v (..., S, d_v); return (broadcast leading dims, L, S)."""
+def _prepare(q: Any, k: Any, v: Any, attn_mask: Any, mask: Any, is_causal: Any,
+             scale: Any) -> tuple[torch.Size, int, int, torch.Tensor | None, float]:
+    """Validate q (..., L, d_k), k (..., S, d_k), v (..., S, d_v), the mask (``attn_mask`` or its alias
+    ``mask``), is_causal and scale; return (broadcast leading dims, L, S, mask, scale: 1/√d_k by default)."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, tensor, kind="float")
         if tensor.ndim < 2:
@@ -46,49 +47,19 @@ def _check_qkv(q: Any, k: Any, v: Any) -> tuple[torch.Size, int, int]:
     try:
         batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except RuntimeError:
-        raise ValueError(
-            f"leading (batch, heads) dims of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-            "do not broadcast"
-        ) from None
-    return batch_shape, q.shape[-2], k.shape[-2]
-
-
-def _pick_mask(attn_mask: Any, mask: Any) -> Any:
-    """``attn_mask`` (torch's name) or its alias ``mask``; not both."""
+        raise ValueError(f"leading (batch, heads) dims of q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} do not broadcast") from None
     if attn_mask is not None and mask is not None:
         raise TypeError("give the mask once: attn_mask= (torch's name) or mask=, not both")
-    return mask if attn_mask is None else attn_mask
-
-
-def _check_options(q: torch.Tensor, mask: Any, is_causal: Any, scale: Any) -> float:
-    """Validate mask/is_causal/scale; return the scale (1/√d_k by default)."""
-    check_bool("is_causal", is_causal)
-    if is_causal and mask is not None:
+    mask = mask if attn_mask is None else attn_mask
+    if check_bool("is_causal", is_causal) and mask is not None:
         raise ValueError("give either attn_mask or is_causal=True, not both (as torch's SDPA); "
                          "combine them yourself: mask & causal_mask(L)")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"attn_mask must be bool (True = may attend) or float (added to the scores), "
-                            f"got {mask.dtype}")
-        if mask.is_floating_point() and mask.dtype != q.dtype:
-            raise TypeError(f"a float attn_mask must have the dtype of q ({q.dtype}), got {mask.dtype}")
-        if mask.device != q.device:
-            raise ValueError(f"attn_mask must be on q's device ({q.device}), got {mask.device}")
-    if scale is None:
-        return 1.0 / math.sqrt(q.shape[-1])
-    return check_real("scale", scale, min=0, min_open=True)
-
-
-def _check_mask_shape(mask: torch.Tensor, score_shape: torch.Size) -> None:
-    try:
-        fits = torch.broadcast_shapes(mask.shape, score_shape) == score_shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
-                         f"{tuple(score_shape)} (..., L queries, S keys)")
+    if mask is not None:  # named as the caller named it
+        name = "mask" if attn_mask is None else "attn_mask"
+        check_score_mask(name, mask, torch.Size((*batch_shape, q.shape[-2], k.shape[-2])), q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_real("scale", scale, min=0, min_open=True)
+    return batch_shape, q.shape[-2], k.shape[-2], mask, scale
 
 
 def _causal(n_queries: int, n_keys: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -121,13 +92,10 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- scaled dot-product attention
 
 
-def _attention(q: Any, k: Any, v: Any, mask: Any, is_causal: Any, scale: Any,
+def _attention(q: Any, k: Any, v: Any, attn_mask: Any, mask: Any, is_causal: Any, scale: Any,
                dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA with optional dropout on the weights (for MultiHeadAttention); returns (out, weights)."""
-    batch_shape, L, S = _check_qkv(q, k, v)
-    scale = _check_options(q, mask, is_causal, scale)
-    if mask is not None:
-        _check_mask_shape(mask, torch.Size((*batch_shape, L, S)))
+    _, L, S, mask, scale = _prepare(q, k, v, attn_mask, mask, is_causal, scale)
     scores = (q @ k.transpose(-2, -1)) * scale  # QKᵀ/√d_k, (..., L, S)
     if is_causal:
         mask = _causal(L, S, q.device)
@@ -155,20 +123,18 @@ def scaled_dot_product_attention(
     ``out`` alone, as torch's function does. The other arguments are torch's (no ``dropout_p``).
 
     Args:
-        q: queries (..., L, d_k), e.g. (batch, heads, L, d_head).
-        k: keys (..., S, d_k); S may differ from L (cross-attention).
-        v: values (..., S, d_v).
+        q, k, v: queries (..., L, d_k), e.g. (batch, heads, L, d_head); keys (..., S, d_k), where S may
+            differ from L (cross-attention); values (..., S, d_v).
         attn_mask: None, bool (True = may attend) or float (added to the scores), broadcastable to
             (..., L, S); ``mask=`` is the same argument under its older name.
         is_causal: mask out keys j > i; not together with ``attn_mask``.
         scale: multiplies QKᵀ; default 1/√d_k.
-        need_weights: return ``(out, weights)`` (True) or ``out`` (False).
 
     Returns:
         ``(out, weights)``: out (..., L, d_v) and the attention weights (..., L, S); each row sums to 1,
         masked keys get exactly 0, and a row whose keys are all masked gets weights 0 and output 0.
     """
-    out, weights = _attention(q, k, v, _pick_mask(attn_mask, mask), is_causal, scale)
+    out, weights = _attention(q, k, v, attn_mask, mask, is_causal, scale)
     return (out, weights) if check_bool("need_weights", need_weights) else out
 
 
@@ -228,13 +194,11 @@ class MultiHeadAttention(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (batch, seq_len, d_model={self.d_model}), got {tuple(x.shape)}")
         batch, seq_len, _ = x.shape
-        if isinstance(mask, torch.Tensor):
-            _check_mask_shape(mask, torch.Size((batch, self.n_heads, seq_len, seq_len)))
         q = self._split_heads(self.q_proj(x))  # Q = X W_Q, (batch, heads, L, d_head)
         k = self._split_heads(self.k_proj(x))  # K = X W_K, (batch, heads, L, d_head)
         v = self._split_heads(self.v_proj(x))  # V = X W_V, (batch, heads, L, d_head)
         dropout_p = self.dropout if self.training else 0.0
-        heads, weights = _attention(q, k, v, mask, is_causal, None, dropout_p)  # (batch, heads, L, d_head)
+        heads, weights = _attention(q, k, v, None, mask, is_causal, None, dropout_p)  # (batch, heads, L, d_head)
         concat = heads.transpose(1, 2).reshape(batch, seq_len, self.d_model)  # concat(head_1..head_h)
         return self.out_proj(concat), (weights if need_weights else None)  # concat(...) W_O
 
@@ -251,10 +215,8 @@ class MultiHeadAttention(nn.Module):
             query, key, value = self_attention.query, self_attention.key, self_attention.value
             n_heads = self_attention.num_attention_heads
         except AttributeError:
-            raise TypeError(
-                f"expected a Hugging Face BertAttention (with .self.query/.key/.value and .output.dense), "
-                f"got {type(bert_attention).__name__}"
-            ) from None
+            raise TypeError(f"expected a Hugging Face BertAttention (with .self.query/.key/.value and "
+                            f".output.dense), got {type(bert_attention).__name__}") from None
         d_model = query.in_features
         if query.out_features != d_model or dense.out_features != d_model:
             raise ValueError(f"attention width {query.out_features} differs from hidden size {d_model}; "
@@ -289,18 +251,14 @@ def tiled_attention(
     Queries and keys are cut into blocks of ``block_size``; for each query block we sweep the key blocks and
     keep, per query, the running max m, the running normaliser ℓ = Σ exp(s - m) and the unnormalised output
     acc = Σ exp(s - m) v. When a new block raises the max, the old ℓ and acc are rescaled by exp(m_old - m_new).
-    Only (batch·heads, block, block) score tiles exist; never the (..., L, S) matrix. With ``is_causal``,
-    key blocks entirely above the diagonal are skipped. Same arguments and result as
-    :func:`scaled_dot_product_attention` (fully masked rows give 0), returning ``out`` only; differentiable.
-    As in FlashAttention's kernels, m, ℓ and acc are kept in float32 (float64 stays float64) whatever the
-    input dtype, and only the result is cast back: fp16/bf16 inputs keep SDPA's accuracy.
+    Only (batch·heads, block, block) score tiles exist; never the (..., L, S) matrix. With ``is_causal``, key
+    blocks entirely above the diagonal are skipped. Same arguments and result as :func:`scaled_dot_product_attention`
+    (fully masked rows give 0), returning ``out`` only; differentiable. As in FlashAttention's kernels, m, ℓ and
+    acc are kept in float32 (float64 stays float64) and only the result is cast back to the input dtype.
     """
-    batch_shape, L, S = _check_qkv(q, k, v)
-    mask = _pick_mask(attn_mask, mask)
-    scale = _check_options(q, mask, is_causal, scale)
+    batch_shape, L, S, mask, scale = _prepare(q, k, v, attn_mask, mask, is_causal, scale)
     check_int("block_size", block_size, min=1)
     if mask is not None:
-        _check_mask_shape(mask, torch.Size((*batch_shape, L, S)))
         mask = mask.reshape((1,) * (2 - mask.ndim) + mask.shape)  # at least (L or 1, S or 1)
     d_k, d_v, in_dtype = q.shape[-1], v.shape[-1], q.dtype
     # scores, m, ℓ and acc in float32 at least, as FlashAttention's kernels keep them (no-op for fp32/fp64)

@@ -1,15 +1,13 @@
 """Knowledge distillation (知识蒸馏): the KD loss (chapter 4, "The KD loss"), intermediate-layer losses
 (chapter 5, "Distilling a classifier"), top-k KD and forward/reverse KL for language models (chapter 6,
-"Distilling a causal LM"). The Hugging Face ``Trainer`` of chapter 5 is in :mod:`lightlm.distill_trainer`
-(``distill.DistillationTrainer`` still finds it).
+"Distilling a causal LM"). Chapter 5's Hugging Face ``Trainer`` is :mod:`lightlm.distill_trainer`'s.
 
-Notation (see the glossary): ``z`` student logits, ``v`` teacher logits, temperature ``T``,
-``p = softmax(v/T)`` the teacher's soft targets, ``q = softmax(z/T)`` the student's distribution. Logits have
-shape ``(..., C)``: every leading dim counts as a batch dim, and "mean over the batch" means the mean over all
-rows. ``alpha`` always weights the SOFT term (errata "Two conventions for α"): ``α_hard = 1 − α_soft``.
-``T²`` is applied inside :func:`kd_loss` and :func:`topk_kd_loss`, never in :func:`kl_divergence`.
-Every loss takes the STUDENT first and the teacher second, as ``F.kl_div(input=student, target=teacher)``.
-Computation runs in float32 at least (float64 stays float64).
+Notation (see the glossary): ``z`` student logits, ``v`` teacher logits, temperature ``T``, ``p = softmax(v/T)``
+the teacher's soft targets, ``q = softmax(z/T)`` the student's distribution. Logits have shape ``(..., C)``: every
+leading dim counts as a batch dim, and "mean over the batch" means the mean over all rows. ``alpha`` always weights
+the SOFT term (errata "Two conventions for α"): ``α_hard = 1 − α_soft``. ``T²`` is applied inside :func:`kd_loss`
+and :func:`topk_kd_loss`, never in :func:`kl_divergence`. Every loss takes the STUDENT first and the teacher
+second, as ``F.kl_div(input=student, target=teacher)``. Computation runs in float32 at least (float64 stays so).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_choice, check_int, check_real, check_tensor
+from ._checks import check_callable, check_choice, check_int, check_real, check_tensor
 
 __all__ = ["softmax_t", "kd_loss", "distillation_loss", "kl_divergence", "HiddenProjection", "hidden_state_loss",
            "attention_loss", "topk_teacher", "topk_kd_loss"]
@@ -34,23 +32,19 @@ def _check_logits(logits, name: str) -> None:
         raise ValueError(f"{name} must have shape (..., classes) with at least one class, got {tuple(logits.shape)}")
 
 
-def _check_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits") -> None:
-    _check_logits(student, student_name)
-    _check_logits(teacher, teacher_name)
+def _check_pair(student, teacher) -> None:
+    _check_logits(student, "student_logits")
+    _check_logits(teacher, "teacher_logits")
     if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(f"vocabulary mismatch: {student_name} has {student.shape[-1]} classes, {teacher_name} "
+        raise ValueError(f"vocabulary mismatch: student_logits has {student.shape[-1]} classes, teacher_logits "
                          f"{teacher.shape[-1]}; distillation on logits needs one shared vocabulary")
     if student.shape != teacher.shape:
-        raise ValueError(f"shape mismatch: {student_name} {tuple(student.shape)} vs {teacher_name} "
+        raise ValueError(f"shape mismatch: student_logits {tuple(student.shape)} vs teacher_logits "
                          f"{tuple(teacher.shape)}; they must be equal")
 
 
 def _check_temperature(T) -> None:
     check_real("temperature T", T, min=0, min_open=True)  # positive and finite
-
-
-def _check_alpha(alpha) -> None:
-    check_real("alpha (the weight of the soft term)", alpha, min=0, max=1)
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
@@ -65,18 +59,12 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return p * (torch.where(support, log_p, 0.0) - torch.where(support, log_q, 0.0))
 
 
-def _check_mask(mask, shape, name: str) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} (0/False = padding), got {tuple(mask.shape)}")
-
-
 def _masked_mean(values: torch.Tensor, mask, name: str) -> torch.Tensor:
     """Mean of ``values`` over the positions where ``mask`` (same shape) is nonzero; over all if None."""
     if mask is None:
         return values.mean()
-    _check_mask(mask, values.shape, name)
+    if check_tensor(name, mask).shape != values.shape:
+        raise ValueError(f"{name} must have shape {tuple(values.shape)} (0/False = padding), got {tuple(mask.shape)}")
     keep = (mask != 0).to(values.device)
     if not keep.any():
         raise ValueError(f"{name} marks every position as padding: the mean over zero positions is undefined")
@@ -115,18 +103,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       T: float = 2.0, alpha: float = 0.5, ignore_index: int = -100) -> torch.Tensor:
     """``α · T² KL(p ‖ q) + (1 − α) · CE(y, softmax(z))`` (chapter 4, eq. (kd-loss); chapter 5, eq. (distill-loss)).
 
-    α weights the SOFT term: α = 1 is pure distillation, α = 0 plain fine-tuning on the labels. Sources that
-    let α weight the hard term (article 003) mean ``α_hard = 1 − α_soft`` here. The hard term is taken at
-    temperature 1. Rows whose label is ``ignore_index`` (padding, prompt tokens) are left out of BOTH terms,
-    so both are means over the same N labelled rows.
-
-    Args:
-        student_logits, teacher_logits: ``(..., C)``, equal shapes.
-        labels: integer class ids of shape ``student_logits.shape[:-1]``, or ``ignore_index``.
+    α weights the SOFT term: α = 1 is pure distillation, α = 0 plain fine-tuning on the labels (where α
+    weights the hard term, as in article 003, ``α_hard = 1 − α_soft``). The hard term is at temperature 1.
+    Rows labelled ``ignore_index`` (padding, prompt tokens) are left out of BOTH terms: two means over N rows.
+    Logits ``(..., C)``, equal shapes; ``labels``: integer class ids (or ignore_index), the logits' shape minus C.
     """
     _check_pair(student_logits, teacher_logits)
     _check_temperature(T)
-    _check_alpha(alpha)
+    check_real("alpha (the weight of the soft term)", alpha, min=0, max=1)
     check_tensor("labels", labels, kind="int")
     check_int("ignore_index", ignore_index)
     if labels.shape != student_logits.shape[:-1]:
@@ -148,10 +132,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "forward",
                   T: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """KL divergence between the teacher's ``p = softmax(teacher_logits/T)`` and the student's
-    ``q = softmax(student_logits/T)`` (chapter 6, eq. (kl-directions)). Student first, teacher second, like
-    every loss here and ``F.kl_div(input=student, target=teacher)``. No T² factor:
-    ``kd_loss(z, v, T) = T² · kl_divergence(z, v, T=T)``.
+    """KL divergence between the teacher's ``p = softmax(teacher_logits/T)`` and the student's ``q =
+    softmax(student_logits/T)`` (chapter 6, eq. (kl-directions)). Student first, teacher second, like every loss
+    here and ``F.kl_div(input=student, target=teacher)``. No T²: ``kd_loss(z, v, T) = T² · kl_divergence(z, v, T=T)``.
 
     ``"forward"``: KL(p ‖ q) = Σ p log(p/q), mode covering: q is penalised wherever p has mass and q does not,
     so a unimodal q spreads over all of p's modes. ``"reverse"``: KL(q ‖ p) = Σ q log(q/p), mode seeking: q is
@@ -160,9 +143,7 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, di
     """
     _check_pair(student_logits, teacher_logits)
     _check_temperature(T)
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"direction must be 'forward' (KL(p ‖ q), p the teacher) or 'reverse' (KL(q ‖ p)), "
-                         f"got {direction!r}")
+    check_choice("direction", direction, ("forward", "reverse"))  # KL(p ‖ q) or KL(q ‖ p), p the teacher
     check_choice("reduction", reduction, ("mean", "none"))
     log_p = F.log_softmax(_as_float(teacher_logits) / T, dim=-1)  # teacher
     log_q = F.log_softmax(_as_float(student_logits) / T, dim=-1)  # student
@@ -177,8 +158,7 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, di
 
 
 class HiddenProjection(nn.Linear):
-    """Learned map ``W_h`` from the student's hidden width to the teacher's (TinyBERT, Jiao et al. 2020);
-    train it with the student, drop it after distillation."""
+    """Learned map ``W_h`` from the student's hidden width to the teacher's (TinyBERT, Jiao et al. 2020)."""
 
     def __init__(self, d_student: int, d_teacher: int, bias: bool = True):
         check_int("d_student", d_student, min=1)
@@ -191,12 +171,9 @@ def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
     """``MSE(H_S W_h, H_T)`` averaged over real tokens (TinyBERT; chapter 5, eq. (hidden-loss)).
 
     Per token the squared error is averaged over the teacher's d hidden units, then over the tokens where
-    ``attention_mask`` (shape ``(..., seq)``) is nonzero; with no mask this is ``F.mse_loss``.
-
-    Args:
-        student_hidden: ``(..., seq, d_student)``; teacher_hidden: ``(..., seq, d_teacher)``.
-        projection: any module or callable mapping d_student to d_teacher (e.g. :class:`HiddenProjection`);
-            required when the widths differ.
+    ``attention_mask`` (shape ``(..., seq)``) is nonzero; with no mask this is ``F.mse_loss``. Shapes:
+    ``student_hidden`` ``(..., seq, d_student)``, ``teacher_hidden`` ``(..., seq, d_teacher)``. ``projection``:
+    any module or callable mapping d_student to d_teacher (:class:`HiddenProjection`); needed if widths differ.
     """
     _check_logits(student_hidden, "student_hidden")
     _check_logits(teacher_hidden, "teacher_hidden")
@@ -210,8 +187,7 @@ def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
                              f"was given; pass projection=HiddenProjection({d_student}, {d_teacher})")
         projected = student_hidden
     else:
-        if not callable(projection):
-            raise TypeError(f"projection must be a module or callable, got {type(projection).__name__}")
+        check_callable("projection", projection)
         projected = projection(student_hidden)  # H_S W_h: (..., seq, d_teacher)
         if not isinstance(projected, torch.Tensor) or projected.shape != teacher_hidden.shape:
             raise ValueError(f"projection must map the student's states to the teacher's shape "
@@ -225,11 +201,11 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
     """Self-attention distribution transfer, MiniLM's L_AT (Wang et al. 2020; chapter 5, eq. (attn-loss)):
     ``(1 / (h·L)) Σ_heads Σ_queries KL(A_T ‖ A_S)``, each KL over the keys of one query row.
 
-    Inputs are attention weights (rows sum to 1, as ``output_attentions=True`` returns them), shape
-    ``(batch, heads, L, S)``, equal for teacher and student. Padded keys carry teacher weight 0, and
-    0·log 0 = 0: they add nothing and give no NaN. ``attention_mask`` ``(batch, L)`` drops padded query rows.
-    Head counts must be equal, as in MiniLM. A teacher with more heads: average groups of them first,
-    ``teacher_attn.unflatten(1, (h_s, -1)).mean(2)`` (an average of distributions is a distribution), or pick h_s.
+    Inputs are attention weights (rows sum to 1, as ``output_attentions=True`` returns them), shape ``(batch, heads,
+    L, S)``, equal for teacher and student. Padded keys carry teacher weight 0, and 0·log 0 = 0: they add nothing and
+    give no NaN. ``attention_mask`` ``(batch, L)`` drops padded query rows. Head counts must be equal, as in MiniLM;
+    a teacher with more heads: average groups of them first, ``teacher_attn.unflatten(1, (h_s, -1)).mean(2)`` (an
+    average of distributions is a distribution), or pick h_s.
     """
     _check_logits(student_attn, "student_attn")
     _check_logits(teacher_attn, "teacher_attn")
@@ -247,11 +223,8 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
     positive = a_t > 0  # padded keys carry teacher weight 0, and 0 · log 0 = 0 (logs of 1 there: no NaN)
     log_ratio = torch.where(positive, a_t, 1.0).log() - torch.where(positive, a_s, 1.0).log()
     kl = (a_t * log_ratio).sum(-1)  # KL(A_T ‖ A_S) = Σ_keys a_T log(a_T / a_S) per head and query: (b, h, L)
-    if attention_mask is not None:
-        batch, _, queries = kl.shape
-        _check_mask(attention_mask, (batch, queries), "attention_mask")
-        attention_mask = attention_mask[:, None, :].expand_as(kl)  # the same query rows in every head
-    return _masked_mean(kl, attention_mask, "attention_mask")
+    # the mean over heads, then over the (batch, L) query rows the mask keeps: every head has the same rows
+    return _masked_mean(kl.mean(1), attention_mask, "attention_mask")
 
 
 # --------------------------------------------------------------------------- chapter 6: top-k KD for LMs
@@ -260,18 +233,14 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
 def topk_teacher(teacher_logits: torch.Tensor, k: int, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's k most likely tokens per position, for caching (chapter 6, eq. (topk-cache)).
 
-    Returns ``(values, indices)``, each ``(..., k)``, largest first. ``values`` are the teacher's
-    LOG-PROBABILITIES at temperature T, ``log p_i = v_i/T − logsumexp(v/T)``: the top-k scaled logits with
-    the log-normaliser subtracted, so that ``1 − Σ exp(values)`` is the exact mass of the other V − k tokens
-    and no third tensor needs storing. The temperature is fixed here; pass the same T to :func:`topk_kd_loss`.
-    Stores ``k`` values and ids per position instead of V logits (e.g. ``values.half()``, ``indices.int()``).
+    Returns ``(values, indices)``, each ``(..., k)``, largest first. ``values`` are the teacher's LOG-PROBABILITIES
+    at temperature T, ``log p_i = v_i/T − logsumexp(v/T)``, so that ``1 − Σ exp(values)`` is the exact mass of the
+    other V − k tokens and no third tensor needs storing. Pass the same T to :func:`topk_kd_loss`. Stores k values
+    and ids per position instead of V logits (e.g. ``values.half()``, ``indices.int()``).
     """
     _check_logits(teacher_logits, "teacher_logits")
     _check_temperature(T)
-    vocab = teacher_logits.shape[-1]
-    check_int("k", k)
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k must be in [1, vocabulary size {vocab}], got {k}")
+    check_int("k (at most the vocabulary size)", k, min=1, max=teacher_logits.shape[-1])
     with torch.no_grad():  # a target, never trained
         log_p = F.log_softmax(_as_float(teacher_logits) / T, dim=-1)  # log p_i = v_i/T − log Σ_j exp(v_j/T)
         return log_p.topk(k, dim=-1)
@@ -282,8 +251,8 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
     """KD from a cached top-k teacher, ``T² ·`` a KL per position, mean over positions where ``mask`` is
     nonzero (chapter 6, eqs. (topk-renorm), (topk-bucket)). With k = V both tails equal :func:`kd_loss`.
 
-    The student's log-probabilities ``log q_i`` always come from its FULL softmax at temperature T, read at
-    the teacher's k tokens K; the teacher's come from :func:`topk_teacher` (made with the same T).
+    The student's ``log q_i`` always come from its FULL softmax at temperature T, read at the teacher's k tokens K;
+    the teacher's come from :func:`topk_teacher` (made with the same T).
 
     * ``"renormalise"``: the teacher is renormalised over K, ``p̃_i = p_i / Σ_{j∈K} p_j``, and the loss is
       ``KL(p̃ ‖ q) = Σ_{i∈K} p̃_i log(p̃_i / q_i) = CE(p̃, q) − H(p̃)``, an exact KL in which p̃ is zero off K:
@@ -322,12 +291,8 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
     return T * T * _masked_mean(kl, mask, "mask")
 
 
-# --------------------------------------------------------------------------- the Trainer, elsewhere
-
-
 def __getattr__(name: str):
-    """``distill.DistillationTrainer``: the class lives in :mod:`lightlm.distill_trainer` (found there on first
-    access; that imports transformers)."""
+    """``distill.DistillationTrainer``, found in :mod:`lightlm.distill_trainer` (which imports transformers)."""
     if name == "DistillationTrainer":
         from .distill_trainer import DistillationTrainer
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ._checks import check_real
+
 __all__ = ["DEVICE_MEMORY_GB", "memory_bars", "latency_curves", "parameter_breakdown", "table", "attention_maps",
            "softened_distributions"]
 
@@ -147,8 +149,12 @@ def softened_distributions(logits: Any, labels: Sequence[str], temperatures: Seq
     logits = torch.as_tensor(logits, dtype=torch.float64)
     if logits.ndim != 1 or len(labels) != len(logits):
         raise ValueError(f"need one label per logit: {tuple(logits.shape)} logits, {len(labels)} labels")
-    if not temperatures or any(t <= 0 for t in temperatures):
-        raise ValueError(f"temperatures must be positive, got {list(temperatures)}")
+    if not isinstance(temperatures, (list, tuple)):
+        raise TypeError(f"temperatures must be a list or tuple of numbers, got {type(temperatures).__name__}")
+    if not temperatures:
+        raise ValueError("temperatures is empty: give at least one temperature")
+    for index, temperature in enumerate(temperatures):
+        check_real(f"temperatures[{index}]", temperature, min=0, min_open=True)  # positive and finite
     ax = _axes(ax, figsize=(max(6.4, 0.55 * len(labels)), 3.4))
     width = 0.8 / len(temperatures)
     for j, temperature in enumerate(temperatures):

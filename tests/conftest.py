@@ -61,10 +61,11 @@ def pytest_configure(config):
 
 
 MODEL_FIXTURES = {"minilm", "smollm2"}
-# What loads a real model or builds or loads a cached artefact: zoo.load_minilm/load_smollm2, the chapter 5 and 6
-# artefacts (teachers.*rt_teacher*, lm_cache.build_lm_cache/load_lm_cache), any build_* builder, zoo.warm,
-# from_pretrained of a real checkpoint.
-HEAVY_CALL = re.compile(r"load_(minilm|smollm2|lm_cache)|\w*rt_teacher\w*|build_\w+|warm\w*|from_pretrained")
+# What loads a real model or builds or reads a cached artefact: zoo.load_minilm/load_smollm2, the chapter 5 and 6
+# artefacts (teachers.*rt_teacher*, lm_cache.build_lm_cache/load_lm_cache), the SmolLM2 copy
+# (zoo.smollm2_cache_path), any build_* builder, warm, from_pretrained of a real checkpoint.
+HEAVY_CALL = re.compile(
+    r"load_(minilm|smollm2|lm_cache)|\w*rt_teacher\w*|\w+_cache_path|build_\w+|warm\w*|from_pretrained")
 HEAVY_CODE = re.compile(rf"\b({HEAVY_CALL.pattern})\s*\(")  # the same calls inside code run by a subprocess
 
 

@@ -327,7 +327,7 @@ _Q, _K, _V = _qkv(4, 4)
         (lambda: scaled_dot_product_attention(_Q, _K, _V, torch.ones(4, 4, dtype=torch.long)), TypeError,
          "bool .* or float"),
         (lambda: scaled_dot_product_attention(_Q, _K, _V, torch.zeros(4, 4, dtype=torch.float64)), TypeError,
-         "float attn_mask must have the dtype of q"),
+         r"float attn_mask must have the dtype of the scores \(torch.float32\)"),
         (lambda: scaled_dot_product_attention(_Q, _K, _V, causal_mask(5)), ValueError,
          r"mask of shape \(5, 5\) does not broadcast"),
         (lambda: scaled_dot_product_attention(_Q, _K, _V, attn_mask=[[True]]), TypeError,

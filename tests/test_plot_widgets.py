@@ -98,8 +98,14 @@ def test_softened_distributions_hold_the_softmax_at_each_temperature():
     heights = [p.get_height() for p in ax.patches]
     assert heights[:3] == pytest.approx(logits.softmax(-1).tolist())
     assert heights[3:] == pytest.approx((logits / 4).softmax(-1).tolist())
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"temperatures\[0\] must be > 0, got 0.0"):
         plot.softened_distributions(logits, ["a", "b", "c"], [0.0])
+    with pytest.raises(TypeError, match=r"temperatures\[1\] must be a real number, got str"):
+        plot.softened_distributions(logits, ["a", "b", "c"], [1.0, "2"])
+    with pytest.raises(ValueError, match="temperatures is empty"):
+        plot.softened_distributions(logits, ["a", "b", "c"], [])
+    with pytest.raises(TypeError, match="temperatures must be a list or tuple of numbers, got float"):
+        plot.softened_distributions(logits, ["a", "b", "c"], 2.0)
 
 
 def test_temperature_explorer_softens_as_the_slider_moves():
