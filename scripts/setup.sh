@@ -32,6 +32,8 @@ for arg in "$@"; do
   esac
 done
 
+# the version of the interpreter given as $1 (fails if it does not run)
+python_version() { "$1" -c 'import platform; print(platform.python_version())' 2>/dev/null; }
 # exit status 0 when the interpreter given as $1 is at least MIN_PYTHON
 recent_enough() {
   "$1" -c "import sys; sys.exit(sys.version_info[:2] < tuple(map(int, '$MIN_PYTHON'.split('.'))))"
@@ -46,14 +48,15 @@ if [ ! -x "$VENV/bin/python" ]; then
     command -v "$PYTHON" >/dev/null 2>&1 \
       || die "no python3 found: need Python >= $MIN_PYTHON (set PYTHON=/path/to/python3.11 or newer)"
   fi
-  recent_enough "$PYTHON" \
-    || die "need Python >= $MIN_PYTHON, found $("$PYTHON" -V 2>&1) ($(command -v "$PYTHON")) (set PYTHON=...)"
-  step "creating virtual environment $VENV ($("$PYTHON" -V 2>&1))"
+  found=$(python_version "$PYTHON") \
+    || die "$PYTHON ($(command -v "$PYTHON")) does not run; need Python >= $MIN_PYTHON (set PYTHON=...)"
+  recent_enough "$PYTHON" || die "need Python >= $MIN_PYTHON, found $found ($(command -v "$PYTHON")) (set PYTHON=...)"
+  step "creating virtual environment $VENV (Python $found)"
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-recent_enough "$PY" || die "need Python >= $MIN_PYTHON, found $("$PY" -V 2>&1) in $VENV; remove $VENV and re-run" \
-  "(set PYTHON=...)"
+recent_enough "$PY" \
+  || die "need Python >= $MIN_PYTHON, found $(python_version "$PY") in $VENV; remove $VENV and re-run (set PYTHON=...)"
 
 stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
 

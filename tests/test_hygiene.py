@@ -127,6 +127,6 @@ def test_config_keeps_execution_strict():
 def test_readme_installs_the_same_release_as_the_setup_cell():
     import lightlm
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text() + (ROOT / "book" / "preface.md").read_text()
     pins = re.findall(r"git\+https://\S+?@(v[0-9][^\s\"]*)", readme)
     assert pins and set(pins) == {f"v{lightlm.__version__}"}, pins

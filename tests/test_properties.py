@@ -102,7 +102,8 @@ def test_kd_gradient_is_t_over_n_times_q_minus_p_so_never_above_t_over_n(shape, 
     z.requires_grad_()
     (gradient,) = torch.autograd.grad(distill.kd_loss(z, v, T), z)
     rows = z.numel() // shape[-1]  # N: every leading dim is a batch dim
-    closed_form = T * (F.softmax(z.detach() / T, -1) - F.softmax(v / T, -1)) / rows  # ∂(T² KL)/∂z = T (q − p) / N
+    q, p = F.softmax(z.detach() / T, -1), F.softmax(v / T, -1)
+    closed_form = T * (q - p) / rows  # ∂(T² KL)/∂z = T (q − p) / N
     torch.testing.assert_close(gradient, closed_form)
     # |q_i − p_i| ≤ 1, so |∂L/∂z_i| ≤ T/N for every T: the T² factor keeps the gradient's scale; the margin
     # allows the few roundings of T², 1/N and 1/T in autograd's chain
@@ -180,7 +181,7 @@ def _fully_masked_rows(mask, shape):
 @given(case=attention_cases())
 def test_attention_rows_sum_to_one_unless_fully_masked_and_output_equals_torch(case):
     q, k, v, mask, is_causal = case
-    out, weights = scaled_dot_product_attention(q, k, v, mask, is_causal)
+    out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     scores_shape = (*q.shape[:-1], k.shape[-2])
     empty = _fully_masked_rows(mask, scores_shape)  # causal: key 0 is always visible, so never empty
     assert (weights >= 0).all()
@@ -197,7 +198,7 @@ def test_tiled_attention_equals_torch_sdpa_for_any_block_size_and_mask(case, dat
     q, k, v, mask, is_causal = case
     block_size = data.draw(st.integers(1, q.shape[-2] + 3), label="block_size")
     expected = _torch_sdpa(q, k, v, mask, is_causal)  # fully masked rows: 0, as torch's safe softmax
-    actual = tiled_attention(q, k, v, block_size=block_size, mask=mask, is_causal=is_causal)
+    actual = tiled_attention(q, k, v, block_size=block_size, attn_mask=mask, is_causal=is_causal)
     torch.testing.assert_close(actual, expected, **TOLERANCE[q.dtype])
 
 
