@@ -28,6 +28,22 @@ else:
                                           print_blob=True)
 
 
+def require_warm(folder, inputs) -> None:
+    """Tests read the cached artefacts but never build them into the user's cache (those that build use a
+    temporary LIGHTLM_CACHE): a cold or stale artefact skips the test, saying how to build it, or fails it where
+    LIGHTLM_REQUIRE_ARTEFACTS=1 (scripts/test.sh sets it after ``python -m lightlm.zoo warm``)."""
+    import os
+
+    from lightlm import _cache
+
+    reason = _cache.inspect(folder, inputs)
+    if reason is not None:
+        message = f"{folder}: {reason}; build it with  python -m lightlm.zoo warm"
+        if os.environ.get("LIGHTLM_REQUIRE_ARTEFACTS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from lightlm import zoo
@@ -39,7 +55,16 @@ def minilm():
 def smollm2():
     from lightlm import zoo
 
+    require_warm(zoo.smollm2_cache_path(), zoo.smollm2_inputs())
     return zoo.load_smollm2(progress=False)
+
+
+@pytest.fixture(scope="session")
+def rt_teacher_ready():
+    """Chapter 5's cached teacher is built (and verified) in the cache the tests read."""
+    from lightlm.artefacts import teachers
+
+    require_warm(teachers.rt_teacher_path(), teachers.rt_teacher_inputs())
 
 
 @pytest.fixture(scope="module")

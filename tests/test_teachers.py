@@ -1,7 +1,7 @@
 """lightlm.artefacts.teachers: chapter 5's cached MiniLM teacher, and the data it was built from.
 
-The cache is built by ``python -m lightlm.zoo warm`` before the tests run (scripts/test.sh); without it the
-first test builds it (a few minutes)."""
+The cache is built by ``python -m lightlm.zoo warm`` before the tests run (scripts/test.sh); without it the tests
+that need it skip and say so (tests never build into the user's cache)."""
 
 import shutil
 
@@ -16,12 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def outputs():
+def outputs(rt_teacher_ready):
     return teachers.rt_teacher_outputs(progress=False)
 
 
 @pytest.fixture(scope="module")
-def teacher():
+def teacher(rt_teacher_ready):
     return teachers.load_rt_teacher(progress=False)
 
 
@@ -106,14 +106,14 @@ def test_the_manifest_records_what_the_teacher_was_built_from(outputs):
         assert manifest["files"][name]["sha256"] == zoo.sha256_file(folder / name)
 
 
-def test_a_cache_with_other_settings_is_stale(monkeypatch):
+def test_a_cache_with_other_settings_is_stale(rt_teacher_ready, monkeypatch):
     folder = teachers.rt_teacher_path()
     assert _cache.inspect(folder, teachers.rt_teacher_inputs()) is None
     monkeypatch.setitem(teachers.SETTINGS, "epochs", teachers.SETTINGS["epochs"] + 1)
     assert "settings.epochs was 3, now 4" in _cache.inspect(folder, teachers.rt_teacher_inputs())
 
 
-def test_a_flipped_byte_in_the_cached_outputs_triggers_a_rebuild(tmp_path, monkeypatch):
+def test_a_flipped_byte_in_the_cached_outputs_triggers_a_rebuild(rt_teacher_ready, tmp_path, monkeypatch):
     target = tmp_path / "cache" / "rt-teacher-minilm"
     shutil.copytree(teachers.rt_teacher_path().resolve(), target)
     with open(target / "teacher-outputs.safetensors", "r+b") as handle:  # same size, one bit flipped
@@ -170,7 +170,7 @@ def test_forward_features_agrees_with_forward():
     assert weights[-1][1, :, :, 4:].abs().max() == 0  # padded keys get no attention
 
 
-def test_warm_reports_the_cached_teacher_without_rebuilding(monkeypatch):
+def test_warm_reports_the_cached_teacher_without_rebuilding(rt_teacher_ready, monkeypatch):
     monkeypatch.setattr(teachers, "_build", lambda staging, progress: pytest.fail("rebuilt a verified cache"))
     assert artefacts.warm(["rt-teacher"])["rt-teacher"].startswith("cached at")
 

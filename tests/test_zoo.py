@@ -165,7 +165,7 @@ def _copy_smollm2_cache(tmp_path) -> Path:
     return target
 
 
-def test_a_corrupted_smollm2_cache_is_rebuilt_naming_the_file(tmp_path, monkeypatch):
+def test_a_corrupted_smollm2_cache_is_rebuilt_naming_the_file(smollm2, tmp_path, monkeypatch):
     target = _copy_smollm2_cache(tmp_path)
     with open(target / "model.safetensors", "r+b") as handle:  # same size, one byte flipped
         handle.seek(os.path.getsize(target / "model.safetensors") // 2)
@@ -187,7 +187,7 @@ def test_a_corrupted_smollm2_cache_is_rebuilt_naming_the_file(tmp_path, monkeypa
     assert "pip" not in str(record[0].message)  # a derived cache: no package is blamed
 
 
-def test_an_intact_copy_of_the_smollm2_cache_loads_without_rebuilding(tmp_path, monkeypatch):
+def test_an_intact_copy_of_the_smollm2_cache_loads_without_rebuilding(smollm2, tmp_path, monkeypatch):
     _copy_smollm2_cache(tmp_path)
     monkeypatch.setenv("LIGHTLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(zoo, "_build_smollm2", lambda staging, progress: pytest.fail("rebuilt an intact cache"))
@@ -333,7 +333,7 @@ assert "HF_HUB_OFFLINE" not in os.environ  # the reader's own session is not swi
 '''
 
 
-def test_everything_loads_with_the_network_blocked():
+def test_everything_loads_with_the_network_blocked(smollm2):  # smollm2: the cache is warm, nothing is built
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # the zoo must stay local by itself
     result = subprocess.run([sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
