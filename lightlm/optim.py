@@ -1,4 +1,4 @@
-"""Adam and AdamW written out (chapter 3, "Pre-training, fine-tuning, prompting, optimizers").
+"""Adam and AdamW written out (chapter 5, "Optimizers").
 
 Both are ``torch.optim.Optimizer`` subclasses with ``torch.optim``'s constructor signature, so they drop into
 any training loop, accept parameter groups and save/load with ``state_dict()``. The per-element arithmetic
@@ -48,7 +48,7 @@ def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, ams
 
 
 class Adam(torch.optim.Optimizer):
-    """Adam with L2 weight decay (chapter 3, eqs. (adam-moments), (adam-bias), (adam-update), (adam-l2)); same
+    """Adam with L2 weight decay (chapter 5, eqs. (adam-moments), (adam-bias), (adam-update), (adam-l2)); same
     signature and results as ``torch.optim.Adam``.
 
     Args:
@@ -140,7 +140,7 @@ def _as_real(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class AdamW(Adam):
-    """AdamW: Adam with decoupled weight decay (chapter 3, eq. (adamw)); same results as ``torch.optim.AdamW``.
+    """AdamW: Adam with decoupled weight decay (chapter 5, eq. (adamw)); same results as ``torch.optim.AdamW``.
 
     Before each Adam step every weight shrinks, θ ← θ − lr·λ·θ; the decay never enters m or v and is not divided
     by √v̂. The default ``weight_decay`` is 1e-2, as in ``torch.optim.AdamW``. Arguments as for :class:`Adam`.

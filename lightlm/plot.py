@@ -143,7 +143,7 @@ def attention_maps(weights: Any, tokens: Sequence[str], titles: Sequence[str] | 
 
 
 def softened_distributions(logits: Any, labels: Sequence[str], temperatures: Sequence[float], ax: Any = None):
-    """Grouped bars of softmax(logits / T) for several temperatures T (chapter 4, eq. (softmax-t))."""
+    """Grouped bars of softmax(logits / T) for several temperatures T (chapter 6, eq. (softmax-t))."""
     import torch
 
     logits = torch.as_tensor(logits, dtype=torch.float64)

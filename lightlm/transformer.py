@@ -207,7 +207,7 @@ class EncoderClassifier(nn.Module):
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """``(logits, hidden, weights)``: the logits, the last hidden states (batch, seq, d_model) and every
         layer's attention weights (batch, heads, seq, seq), the three things feature distillation matches
-        (chapter 5)."""
+        (chapter 7)."""
         hidden, weights = self.backbone(input_ids, attention_mask, is_causal=False, need_weights=True)
         return self._classify(hidden, attention_mask), hidden, weights
 

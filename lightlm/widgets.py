@@ -65,7 +65,7 @@ _DEVICES = {"phone (8 GB)": 8, "laptop (16 GB)": 16, "RTX 4090 (24 GB)": 24, "H1
 
 
 def temperature_explorer(logits: Any, labels: Sequence[str], default_temperature: float = 1.0) -> Any:
-    """A temperature slider over softmax(logits / T): the bars soften as T grows (chapter 4, eq. (softmax-t)).
+    """A temperature slider over softmax(logits / T): the bars soften as T grows (chapter 6, eq. (softmax-t)).
 
     Args:
         logits: 1-D, a tensor or a list of numbers; labels: one text per logit (shown as text, never as HTML);

@@ -61,7 +61,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def rt_teacher_ready():
-    """Chapter 5's cached teacher is built (and verified) in the cache the tests read."""
+    """Chapter 7's cached teacher is built (and verified) in the cache the tests read."""
     from lightlm.artefacts import teachers
 
     require_warm(teachers.rt_teacher_path(), teachers.rt_teacher_inputs())
@@ -86,7 +86,7 @@ def pytest_configure(config):
 
 
 MODEL_FIXTURES = {"minilm", "smollm2"}
-# What loads a real model or builds or reads a cached artefact: zoo.load_minilm/load_smollm2, the chapter 5 and 6
+# What loads a real model or builds or reads a cached artefact: zoo.load_minilm/load_smollm2, the chapter 7 and 8
 # artefacts (teachers.*rt_teacher*, lm_cache.build_lm_cache/load_lm_cache), the SmolLM2 copy
 # (zoo.smollm2_cache_path), any build_* builder, warm, from_pretrained of a real checkpoint.
 HEAVY_CALL = re.compile(

@@ -1,4 +1,4 @@
-"""lightlm.distill against F.kl_div / F.cross_entropy, the closed-form gradients of chapter 4, hand computations,
+"""lightlm.distill against F.kl_div / F.cross_entropy, the closed-form gradients of chapter 6, hand computations,
 and one step of a real transformers.Trainer."""
 
 import math
@@ -33,7 +33,7 @@ def _kd_gradient(z, v, T, scale=1.0):
     return z.grad
 
 
-# --------------------------------------------------------------------------- chapter 4: the KD loss
+# --------------------------------------------------------------------------- chapter 6: the KD loss
 
 
 def test_softmax_t_is_softmax_of_logits_divided_by_t():
@@ -158,7 +158,7 @@ def test_rows_labelled_ignore_index_are_left_out_of_both_terms():
     torch.testing.assert_close(distill.distillation_loss(z_changed, v, labels, T=2.0, alpha=0.3), expected)
 
 
-# --------------------------------------------------------------------------- chapter 5: intermediate layers
+# --------------------------------------------------------------------------- chapter 7: intermediate layers
 
 
 def test_hidden_state_loss_is_zero_for_identical_states_and_positive_otherwise():
@@ -228,7 +228,7 @@ def test_attention_loss_has_no_nan_in_value_or_gradient_with_masked_keys():
     assert torch.isfinite(loss) and torch.isfinite(scores.grad).all()
 
 
-# --------------------------------------------------------------------------- chapter 6: top-k KD, KL directions
+# --------------------------------------------------------------------------- chapter 8: top-k KD, KL directions
 
 
 @pytest.mark.parametrize("tail", ["renormalise", "bucket"])
@@ -293,7 +293,7 @@ def test_forward_kl_covers_both_modes_and_reverse_kl_seeks_one():
     assert abs(abs(best["reverse"][0]) - 2.5) < 0.2 and best["reverse"][1] < 0.8, best  # on one mode, narrow
 
 
-# --------------------------------------------------------------------------- chapter 5: DistillationTrainer
+# --------------------------------------------------------------------------- chapter 7: DistillationTrainer
 
 
 def _tiny_bert(hidden, layers, seed, initializer_range=0.02):

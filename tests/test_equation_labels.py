@@ -1,7 +1,7 @@
 """Every equation the library cites exists, in the chapter it names.
 
 Docstrings and comments in ``lightlm`` cite the book's equations as ``eq. (label)``, ``eqs. (a), (b)``,
-``equation (label)`` or ``{eq}`label```, next to the chapter they come from: "(chapter 4, eq. (kd-loss))".
+``equation (label)`` or ``{eq}`label```, next to the chapter they come from: "(chapter 6, eq. (kd-loss))".
 A label is defined in a chapter's markdown cells as ``$$ ... $$ (label)`` (MyST dollar math), ``(label)=`` or
 ``:label: label``. The chapter of a citation is the last "chapter N" before it in the same docstring or comment,
 else the one chapter the module's docstring names.

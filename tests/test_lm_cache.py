@@ -1,4 +1,4 @@
-"""lightlm.artefacts.lm_cache: chapter 6's cached teacher outputs, built here on a tiny configuration in a temporary cache."""
+"""lightlm.artefacts.lm_cache: chapter 8's cached teacher outputs, built here on a tiny configuration in a temporary cache."""
 
 import json
 import warnings

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -41,7 +42,10 @@ CASES = [
      "failed"),
     # the build (nbclient) shows nothing for a cell ending in ';'; nor does nbval with tests/nbval_plugin.py
     ("a trailing ';' silences the cell's value, as in the build", "x = 2\nx + 1;", None, "passed"),
+    # last: it kills the kernel; tests/nbval_plugin.py notices at once instead of after the cell timeout
+    ("a kernel that dies fails its cell", "import os\nos._exit(1)", None, "failed"),
 ]
+CELL_TIMEOUT_S = 120
 
 
 def _notebook(path: Path) -> None:
@@ -68,12 +72,14 @@ def outcomes(tmp_path_factory) -> dict[str, str]:
     _notebook(tmp / "strict.ipynb")
     (tmp / "pytest.ini").write_text("[pytest]\n")  # this project's pyproject.toml stays out of it
     report = tmp / "report.xml"
+    start = time.monotonic()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-c", str(tmp / "pytest.ini"), "--rootdir", str(tmp), "-p", "no:cacheprovider",
          "-p", "tests.nbval_plugin", "--nbval", "--nbval-current-env", "--nbval-sanitize-with", str(SANITIZE),
-         f"--junitxml={report}", "strict.ipynb"],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+         "--nbval-cell-timeout", str(CELL_TIMEOUT_S), f"--junitxml={report}", "strict.ipynb"],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - start
     assert report.is_file(), f"pytest wrote no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr}"
     result = {}
     for case in ET.parse(report).getroot().iter("testcase"):
@@ -82,12 +88,18 @@ def outcomes(tmp_path_factory) -> dict[str, str]:
             "skipped" if case.find("skipped") is not None else "passed")
         result[CASES[index][0]] = outcome
     assert len(result) == len(CASES), f"{len(result)} cells reported for {len(CASES)} cases:\n{proc.stdout[-3000:]}"
+    result["seconds"] = seconds
     return result
 
 
 @pytest.mark.parametrize("case, expected", [(c[0], c[3]) for c in CASES], ids=[c[0] for c in CASES])
 def test_nbval_strict_compares_outputs(outcomes, case, expected):
     assert outcomes[case] == expected
+
+
+def test_a_dead_kernel_does_not_wait_for_the_cell_timeout(outcomes):
+    # nbval alone would wait CELL_TIMEOUT_S for the dead kernel's reply; the whole run takes seconds otherwise
+    assert outcomes["seconds"] < CELL_TIMEOUT_S, f"the run took {outcomes['seconds']:.0f} s"
 
 
 def test_every_rule_of_the_sanitize_file_is_read_and_compiles():

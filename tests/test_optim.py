@@ -1,4 +1,4 @@
-"""lightlm.optim against torch.optim.Adam / AdamW and against the formulas of chapter 3."""
+"""lightlm.optim against torch.optim.Adam / AdamW and against the formulas of chapter 5."""
 
 import copy
 import math

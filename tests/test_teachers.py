@@ -1,4 +1,4 @@
-"""lightlm.artefacts.teachers: chapter 5's cached MiniLM teacher, and the data it was built from.
+"""lightlm.artefacts.teachers: chapter 7's cached MiniLM teacher, and the data it was built from.
 
 The cache is built by ``python -m lightlm.zoo warm`` before the tests run (scripts/test.sh); without it the tests
 that need it skip and say so (tests never build into the user's cache)."""

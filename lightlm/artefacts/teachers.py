@@ -1,4 +1,4 @@
-"""A cached teacher for chapter 5 ("Distilling a classifier"): MiniLM fine-tuned on Rotten Tomatoes.
+"""A cached teacher for chapter 7 ("Distilling a classifier"): MiniLM fine-tuned on Rotten Tomatoes.
 
 Fine-tuning the teacher takes a few CPU minutes; using it costs nothing once its outputs are stored. So
 ``python -m lightlm.zoo warm`` builds it once under ``LIGHTLM_CACHE`` (``rt-teacher-minilm/``), through the one
