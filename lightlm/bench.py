@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from ._checks import check_callable, check_int
+from ._checks import check_callable, check_choice, check_int
 
-__all__ = ["peak_memory", "Timing", "benchmark"]
+__all__ = ["peak_memory", "Timing", "benchmark", "peak_matmul_flops", "memory_bandwidth"]
 
 
 def _device(device: Any) -> torch.device:
@@ -162,3 +162,42 @@ def benchmark(fn: Callable[[], Any], *, baseline: Callable[[], Any] | None = Non
     baseline_median = None if baseline is None else statistics.median(times[1])
     return Timing(statistics.median(times[0]), times[0], baseline_median, times[1] if baseline else None,
                   device=str(device))
+
+
+# --------------------------------------------------------------------------- the two roofs of a roofline
+
+
+def peak_matmul_flops(n: int = 1024, *, repeat: int = 3, device: str | torch.device = "cpu") -> float:
+    """Measured FLOP/s of one large fp32 matrix product: ``2·n³`` FLOPs over the median time of ``A @ B``
+    (n × n each), after one warm-up call; the compute roof of a roofline (chapter 1).
+
+    A product this size runs near the best the hardware and torch's BLAS reach, so it estimates the peak
+    that real models can hope for, not the vendor's theoretical number. Machine-dependent: print it,
+    never assert it.
+    """
+    n = check_int("n", n, min=1)
+    device = _device(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator, device=device) for _ in range(2))
+    return 2 * n**3 / benchmark(lambda: a @ b, warmup=1, repeat=repeat, device=device).median
+
+
+def memory_bandwidth(n_bytes: int = 2**27, *, op: str = "read", repeat: int = 5,
+                     device: str | torch.device = "cpu") -> float:
+    """Measured memory bandwidth in bytes/s over an fp32 tensor of ``n_bytes``; the memory roof (chapter 1).
+
+    ``op="read"``: ``x.sum()`` reads every byte once (``n_bytes`` moved), as a decoding step reads the weights.
+    ``op="copy"``: ``y.copy_(x)`` reads and writes (``2·n_bytes`` moved). The median of ``repeat`` calls after
+    one warm-up. Take ``n_bytes`` well above the last-level cache, or the cache's bandwidth is measured
+    instead (the default, 134 MB, is four times a 32 MiB L3). Machine-dependent: print it, never assert it.
+    """
+    n_bytes = check_int("n_bytes", n_bytes, min=4)
+    if not isinstance(op, str):
+        raise TypeError(f"op must be a str, 'read' or 'copy', got {type(op).__name__}")
+    op = check_choice("op", op, ("read", "copy"))
+    device = _device(device)
+    x = torch.ones(n_bytes // 4, device=device)
+    if op == "read":
+        return x.numel() * 4 / benchmark(x.sum, warmup=1, repeat=repeat, device=device).median
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / benchmark(lambda: y.copy_(x), warmup=1, repeat=repeat, device=device).median

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 from ._checks import check_real
 
 __all__ = ["DEVICE_MEMORY_GB", "memory_bars", "latency_curves", "parameter_breakdown", "table", "attention_maps",
-           "softened_distributions"]
+           "softened_distributions", "roofline"]
 
 DEVICE_MEMORY_GB = {"laptop (16 GB)": 16, "RTX 4090 (24 GB)": 24, "H100 (80 GB)": 80}
 
@@ -164,4 +164,51 @@ def softened_distributions(logits: Any, labels: Sequence[str], temperatures: Seq
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("probability")
     ax.legend(fontsize=8)
+    return ax
+
+
+def roofline(peak_flops: float, bandwidth: float, intensities: dict[str, float],
+             achieved: dict[str, float] | None = None, ax: Any = None):
+    """A roofline (Williams et al. 2009; chapter 1): attainable FLOP/s = min(peak, intensity × bandwidth).
+
+    Log-log axes in FLOP/byte and GFLOP/s. Each entry of ``intensities`` (``{label: FLOP per byte}``) is
+    marked on the roof, the best it can reach; ``achieved`` (``{label: measured FLOP/s}``, labels among
+    those of ``intensities``) adds hollow markers where the measurement actually landed. The ridge point,
+    peak / bandwidth, divides memory-bound (left) from compute-bound (right).
+
+    Args:
+        peak_flops: compute roof in FLOP/s (e.g. :func:`lightlm.bench.peak_matmul_flops`).
+        bandwidth: memory roof in bytes/s (e.g. :func:`lightlm.bench.memory_bandwidth`).
+    """
+    peak = check_real("peak_flops", peak_flops, min=0, min_open=True)
+    bandwidth = check_real("bandwidth", bandwidth, min=0, min_open=True)
+    if not isinstance(intensities, dict) or not intensities:
+        raise ValueError("intensities must be a non-empty dict {label: FLOP per byte}")
+    for label, value in intensities.items():
+        check_real(f"intensities[{label!r}]", value, min=0, min_open=True)
+    achieved = {} if achieved is None else achieved
+    for label, value in achieved.items():
+        if label not in intensities:
+            raise ValueError(f"achieved has {label!r}, which is not among the intensities {list(intensities)}")
+        check_real(f"achieved[{label!r}]", value, min=0, min_open=True)
+    ax = _axes(ax)
+    ridge = peak / bandwidth
+    low = min(min(intensities.values()), ridge) / 4
+    high = max(max(intensities.values()), ridge) * 4
+    xs = [low, ridge, high]
+    ax.plot(xs, [min(peak, x * bandwidth) / 1e9 for x in xs], color="k", lw=1.5, label="roof")
+    ax.axvline(ridge, color="0.5", lw=0.8, ls=":")
+    ax.annotate(f"ridge {ridge:.3g} FLOP/byte", (ridge, peak / 1e9), fontsize=7, ha="left", va="bottom",
+                xytext=(3, 3), textcoords="offset points")
+    for index, (label, intensity) in enumerate(intensities.items()):
+        color = f"C{index}"
+        ax.plot([intensity], [min(peak, intensity * bandwidth) / 1e9], "o", color=color, label=label)
+        if label in achieved:
+            ax.plot([intensity], [achieved[label] / 1e9], "o", mfc="none", color=color)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("GFLOP/s")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
     return ax

@@ -176,3 +176,46 @@ def test_rejects_bad_input_with_a_clear_error(call, error, message):
 def test_asking_for_cuda_without_a_gpu_says_so():
     with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
         bench.peak_memory(lambda: None, device="cuda")
+
+
+class _Clock:
+    """A fake perf_counter that advances ``step`` s per reading: every timed call (stop − start) takes ``step``."""
+
+    def __init__(self, step):
+        self.now, self.step = 0.0, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+def test_peak_matmul_flops_is_two_n_cubed_over_the_median_time(monkeypatch):
+    monkeypatch.setattr(bench.time, "perf_counter", _Clock(0.5))
+    assert bench.peak_matmul_flops(n=64, repeat=3) == pytest.approx(2 * 64**3 / 0.5)
+
+
+@pytest.mark.parametrize("op, moved", [("read", 1), ("copy", 2)])
+def test_memory_bandwidth_counts_the_bytes_each_op_moves(monkeypatch, op, moved):
+    monkeypatch.setattr(bench.time, "perf_counter", _Clock(0.25))
+    assert bench.memory_bandwidth(4096, op=op, repeat=3) == pytest.approx(moved * 4096 / 0.25)
+
+
+def test_roofs_measured_on_this_machine_are_positive_and_finite():
+    flops, bandwidth = bench.peak_matmul_flops(n=128, repeat=1), bench.memory_bandwidth(2**20, repeat=1)
+    assert 0 < flops < float("inf") and 0 < bandwidth < float("inf")
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: bench.peak_matmul_flops(n=0), ValueError, "n must be >= 1, got 0"),
+        (lambda: bench.peak_matmul_flops(n=2.5), TypeError, "n must be an int, got float"),
+        (lambda: bench.memory_bandwidth(2, repeat=1), ValueError, "n_bytes must be >= 4, got 2"),
+        (lambda: bench.memory_bandwidth(4096, op="write"), ValueError, "op must be one of 'read', 'copy'"),
+        (lambda: bench.memory_bandwidth(4096, op=1), TypeError, "op must be a str"),
+        (lambda: bench.peak_matmul_flops(device="tpu"), ValueError, "device must name a device"),
+    ],
+)
+def test_roof_measurements_reject_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -148,3 +148,32 @@ def test_temperature_explorer_falls_back_to_a_static_figure(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     figure = widgets.temperature_explorer([3.0, 1.0, 0.0], ["x", "y", "z"])
     assert isinstance(figure, matplotlib.figure.Figure) and len(figure.axes[0].patches) == 9
+
+
+def test_roofline_puts_each_kernel_on_min_of_peak_and_intensity_times_bandwidth():
+    peak, bandwidth = 100e9, 10e9  # ridge at 10 FLOP/byte
+    ax = plot.roofline(peak, bandwidth, {"decode": 0.5, "prefill": 40.0}, achieved={"decode": 2e9})
+    roof, ridge, decode, decode_measured, prefill = ax.lines
+    assert list(ridge.get_xdata()) == [10.0, 10.0]
+    assert list(roof.get_xdata()) == [0.125, 10.0, 160.0]
+    assert list(roof.get_ydata()) == pytest.approx([1.25, 100.0, 100.0])  # GFLOP/s
+    assert decode.get_ydata()[0] == pytest.approx(5.0)  # 0.5 FLOP/byte × 10 GB/s: memory-bound
+    assert decode_measured.get_ydata()[0] == pytest.approx(2.0)
+    assert prefill.get_ydata()[0] == pytest.approx(100.0)  # above the ridge: the compute roof
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(peak_flops=0.0), ValueError, "peak_flops must be > 0"),
+        (dict(bandwidth="fast"), TypeError, "bandwidth must be a real number"),
+        (dict(intensities={}), ValueError, "intensities must be a non-empty dict"),
+        (dict(intensities={"a": -1.0}), ValueError, r"intensities\['a'\] must be > 0"),
+        (dict(achieved={"b": 1e9}), ValueError, "achieved has 'b', which is not among the intensities"),
+    ],
+)
+def test_roofline_rejects_bad_input(kwargs, error, message):
+    arguments = dict(peak_flops=1e11, bandwidth=1e10, intensities={"a": 1.0}) | kwargs
+    with pytest.raises(error, match=message):
+        plot.roofline(**arguments)
