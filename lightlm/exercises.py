@@ -1,0 +1,136 @@
+"""Checkers for the exercises where the reader writes a core function (from chapter 9 on).
+
+``check(name, fn)`` runs the library's reference cases for ``name`` against the reader's ``fn`` (the most telling
+cases first): it returns quietly (None) when every case passes and raises ``AssertionError`` naming the first
+failing case and what was expected when one does not. The cases are chosen to catch the usual slips (for a pruning mask: ties, floor
+instead of round, the sign of the weights, a per-tensor ranking where a per-row one is asked for).
+
+Chapters add their own names with the :func:`exercise` decorator. Available: see :func:`names`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._checks import check_callable
+from .prune import magnitude_mask, nm_mask
+from .prune_calib import wanda_mask
+
+__all__ = ["check", "names", "exercise"]
+
+_CHECKERS: dict[str, Callable[[Callable], None]] = {}
+
+
+def exercise(name: str):
+    """Register a checker: ``@exercise("magnitude_mask") def _(fn): ...`` (the checker calls :func:`_case`)."""
+    def register(checker: Callable[[Callable], None]):
+        _CHECKERS[name] = checker
+        return checker
+    return register
+
+
+def names() -> list[str]:
+    """The exercise names :func:`check` knows."""
+    return sorted(_CHECKERS)
+
+
+def check(name: str, fn: Callable) -> None:
+    """Test the reader's ``fn`` on the reference cases of exercise ``name``.
+
+    Raises:
+        AssertionError: naming the first case that fails (or that raised), with the expected answer.
+        ValueError: ``name`` is not a known exercise; TypeError: ``fn`` is not callable.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name not in _CHECKERS:
+        raise ValueError(f"unknown exercise {name!r}; known: {', '.join(names())}")
+    check_callable("fn", fn)
+    _CHECKERS[name](fn)
+
+
+def _case(exercise_name: str, case: str, fn: Callable, args: tuple, expected: torch.Tensor) -> None:
+    """Run ``fn(*args)`` (on copies, so a reader's in-place edit cannot spoil later cases) against a keep-mask."""
+    copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    try:
+        got = fn(*copies)
+    except Exception as error:  # the reader's code: report which case broke it
+        raise AssertionError(f"{exercise_name}: case '{case}' raised {type(error).__name__}: {error}") from error
+    for a, c in zip(args, copies):
+        if isinstance(a, torch.Tensor) and not torch.equal(a, c):
+            raise AssertionError(f"{exercise_name}: case '{case}': the function modified its input tensor")
+    if not isinstance(got, torch.Tensor):
+        raise AssertionError(f"{exercise_name}: case '{case}': expected a bool tensor, got {type(got).__name__}")
+    if got.shape != expected.shape:
+        raise AssertionError(f"{exercise_name}: case '{case}': expected shape {tuple(expected.shape)}, got "
+                             f"{tuple(got.shape)}")
+    if got.dtype != torch.bool:
+        if not ((got == 0) | (got == 1)).all():
+            raise AssertionError(f"{exercise_name}: case '{case}': a mask holds True/False (or 1/0), got other values")
+        got = got != 0
+    if int((~got).sum()) != int((~expected).sum()):
+        raise AssertionError(f"{exercise_name}: case '{case}': expected {int((~expected).sum())} pruned entries "
+                             f"(False), got {int((~got).sum())}")
+    if not torch.equal(got, expected):
+        raise AssertionError(f"{exercise_name}: case '{case}': the right number pruned, but not the right ones;\n"
+                             f"expected (True = kept)\n{expected.int()}\ngot\n{got.int()}")
+
+
+def _tie_free(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Random weights with distinct magnitudes (a random permutation of 1..n, random signs, scaled)."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.Size(shape).numel()
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    return (torch.randperm(n, generator=g).float().add(1) * signs / n).view(shape)
+
+
+@exercise("magnitude_mask")
+def _magnitude_mask(fn: Callable) -> None:
+    """fn(weight, sparsity) -> bool keep-mask: round(s·n) smallest |w| pruned, ties to the lower flat index."""
+    small_row = torch.tensor([[0.1, -0.2, 0.3, 0.4], [5.0, -6.0, 7.0, -8.0], [0.9, 1.0, -1.1, 1.2]])
+    ties = torch.tensor([[1.0, 3.0, -1.0, 2.0], [1.0, -3.0, 1.0, 2.0]])
+    cases = [
+        ("negative weights count by magnitude |w|", (torch.tensor([[-9.0, 0.5, -0.1, 2.0]]), 0.5)),
+        ("per tensor, not per row: one row holds all the small weights", (small_row, 4 / 12)),
+        ("round, not floor: 0.37 of 10 weights prunes round(3.7) = 4", (_tie_free(2, 5, seed=1), 0.37)),
+        ("Python's round is half to even: 0.5 of 5 weights prunes 2", (_tie_free(5, seed=2), 0.5)),
+        ("ties: exactly round(s·n) pruned, the lower flat index first", (ties, 0.25)),
+        ("sparsity 0 prunes nothing", (_tie_free(3, 3, seed=3), 0.0)),
+        ("a 3-D tensor is ranked as a whole", (_tie_free(2, 3, 4, seed=4), 0.75)),
+        ("random 6×8 weights at sparsity 0.5", (_tie_free(6, 8), 0.5)),
+    ]
+    for case, args in cases:
+        _case("magnitude_mask", case, fn, args, magnitude_mask(*args))
+
+
+@exercise("wanda_mask")
+def _wanda_mask(fn: Callable) -> None:
+    """fn(weight, inputs, sparsity) -> keep-mask: per output row, the round(s·in) lowest |W_ij|·‖X_j‖₂ pruned."""
+    g = torch.Generator().manual_seed(5)
+    weight, inputs = _tie_free(4, 6, seed=5), torch.randn(10, 6, generator=g)
+    loud = inputs * torch.tensor([1.0, 30.0, 1.0, 1.0, 0.03, 1.0])  # feature 1 large, feature 4 tiny
+    rows = torch.tensor([[0.1, 0.2, 0.3, 0.4], [5.0, 6.0, 7.0, 8.0]])
+    cases = [
+        ("per row, not per tensor: every row keeps the same count", (rows, torch.ones(3, 4), 0.5)),
+        ("the input norm ‖X_j‖ changes the ranking, not |W| alone", (weight, loud, 0.5)),
+        ("inputs of shape (batch, seq, in) are flattened over batch and seq", (weight, inputs.view(2, 5, 6), 0.5)),
+        ("round, not floor: 0.45 of 6 inputs prunes round(2.7) = 3 per row", (weight, loud, 0.45)),
+        ("random 4×6 weights, 10 calibration tokens, sparsity 0.5", (weight, inputs, 0.5)),
+    ]
+    for case, args in cases:
+        _case("wanda_mask", case, fn, args, wanda_mask(*args))
+
+
+@exercise("nm_mask")
+def _nm_mask(fn: Callable) -> None:
+    """fn(scores, n, m) -> keep-mask: in each group of m along the last dim, the n highest kept (stable ties)."""
+    cases = [
+        ("2:4 on random 4×8 scores", (_tie_free(4, 8, seed=6).abs(), 2, 4)),
+        ("groups run along the rows (inputs), not down the columns", (_tie_free(4, 4, seed=7).abs(), 2, 4)),
+        ("1:4 keeps one in four", (_tie_free(2, 8, seed=8).abs(), 1, 4)),
+        ("ties inside a group: the lower index is pruned first", (torch.ones(2, 4), 2, 4)),
+    ]
+    for case, args in cases:
+        _case("nm_mask", case, fn, args, nm_mask(*args))
