@@ -1,4 +1,5 @@
-"""Adam and AdamW written out (chapter 5, "Optimizers").
+"""Adam and AdamW written out, a warm-up + cosine learning-rate schedule and gradient clipping by global norm
+(chapter 5, "Optimizers").
 
 Both are ``torch.optim.Optimizer`` subclasses with ``torch.optim``'s constructor signature, so they drop into
 any training loop, accept parameter groups and save/load with ``state_dict()``. The per-element arithmetic
@@ -20,17 +21,24 @@ Adam step, so every weight shrinks by the same factor (1 − lr·λ) whatever it
 
 The update that a source article calls "AdamP" (Adam with "Pavlov's" momentum) is a Nesterov-style Adam, close
 to NAdam (Dozat 2016, ``torch.optim.NAdam``), not AdamP (Heo et al. 2021); see the errata.
+
+:func:`warmup_cosine` is the learning rate at a step, linear warm-up then cosine decay (eq. (warmup-cosine)), and
+:func:`warmup_cosine_scheduler` the same as a ``torch.optim.lr_scheduler.LambdaLR``, equal to transformers'
+``get_cosine_schedule_with_warmup``. :func:`clip_grad_norm` rescales all gradients together so that their global
+L2 norm is at most ``max_norm`` (eq. (grad-clip)), as ``torch.nn.utils.clip_grad_norm_`` does.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+import math
+
 import torch
 
-from ._checks import check_bool, check_real
+from ._checks import check_bool, check_int, check_real
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "warmup_cosine", "warmup_cosine_scheduler", "clip_grad_norm"]
 
 
 def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: Any) -> None:
@@ -158,3 +166,82 @@ class AdamW(Adam):
         amsgrad: bool = False,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+
+def _check_schedule(warmup_steps: Any, total_steps: Any) -> None:
+    check_int("total_steps", total_steps, min=1)
+    check_int("warmup_steps", warmup_steps, min=0)
+    if warmup_steps >= total_steps:
+        raise ValueError(f"warmup_steps must be < total_steps ({total_steps}), got {warmup_steps}: "
+                         "the cosine decay needs at least one step")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """The learning rate at ``step`` (0, 1, ...): linear warm-up, then cosine decay (chapter 5, eq. (warmup-cosine)).
+
+    ``peak_lr · step / warmup_steps`` while ``step < warmup_steps``; then, with the progress
+    ``s = (step − warmup_steps) / (total_steps − warmup_steps)`` in [0, 1],
+    ``min_lr + (peak_lr − min_lr) · ½ (1 + cos(π s))``, from ``peak_lr`` down to ``min_lr`` at ``total_steps``.
+    After ``total_steps`` it stays at ``min_lr`` (transformers' schedule would rise again).
+    Equal to transformers' ``get_cosine_schedule_with_warmup`` times ``peak_lr`` when ``min_lr = 0``.
+
+    Args:
+        step: the optimizer steps taken so far, an int >= 0.
+        warmup_steps: an int in [0, total_steps); 0 starts at ``peak_lr``.
+        total_steps: an int >= 1, where the decay reaches ``min_lr``.
+        peak_lr: the largest learning rate, >= 0; min_lr: the final one, in [0, peak_lr].
+    """
+    check_int("step", step, min=0)
+    _check_schedule(warmup_steps, total_steps)
+    peak_lr = check_real("peak_lr", peak_lr, min=0)
+    min_lr = check_real("min_lr", min_lr, min=0, max=peak_lr)
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps  # η_t = η_max · t / t_w   (warm-up)
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))  # s = (t − t_w) / (t_max − t_w)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))  # eq. (warmup-cosine)
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                            min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` that follows :func:`warmup_cosine` with each parameter group's initial ``lr`` as its peak.
+
+    Call ``scheduler.step()`` after each ``optimizer.step()``; before the first one the groups' lr is that of step
+    0 (0 when ``warmup_steps > 0``). ``min_lr_ratio`` in [0, 1] is the final lr as a fraction of the peak (the
+    ``min_lr_rate`` of transformers' ``get_cosine_with_min_lr_schedule_with_warmup``).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _check_schedule(warmup_steps, total_steps)
+    min_lr_ratio = check_real("min_lr_ratio", min_lr_ratio, min=0, max=1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, 1.0, min_lr_ratio))
+
+
+def clip_grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale every gradient by ``min(1, max_norm / (‖g‖ + 1e-6))``, in place (chapter 5, eq. (grad-clip)).
+
+    ``‖g‖`` is the global L2 norm, over all the gradients together as one vector. The direction of the whole
+    gradient is unchanged; only its length is capped. Returns ``‖g‖`` before clipping, as
+    ``torch.nn.utils.clip_grad_norm_`` (norm_type 2), whose results it matches. Parameters without a
+    gradient are skipped; with none at all the norm is 0. ``max_norm=math.inf`` only measures the norm.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    try:
+        parameters = list(parameters)
+    except TypeError:
+        raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}")
+    for index, param in enumerate(parameters):
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"parameters[{index}] must be a torch.Tensor, got {type(param).__name__}")
+    max_norm = check_real("max_norm", max_norm, min=0, min_open=True, finite=False)  # inf: measure, never clip
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    norms = torch.stack([torch.linalg.vector_norm(g).to(device) for g in grads])  # ‖g_i‖ of each tensor
+    total_norm = torch.linalg.vector_norm(norms)  # ‖g‖ = √(Σ_i ‖g_i‖²), one norm over all gradients
+    scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)  # min(1, c / ‖g‖)
+    for grad in grads:
+        grad.mul_(scale.to(grad.device))  # g ← g · min(1, c / ‖g‖)   eq. (grad-clip)
+    return total_norm

@@ -218,3 +218,171 @@ def test_rejects_sparse_gradients():
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="SparseAdam"):
         optimizer.step()
+
+
+# --------------------------------------------------------------------------- warm-up + cosine, gradient clipping
+
+
+@pytest.mark.parametrize("warmup_steps, total_steps", [(0, 1), (0, 10), (3, 10), (10, 100), (99, 100)])
+def test_warmup_cosine_equals_transformers_schedule_times_peak(warmup_steps, total_steps):
+    transformers = pytest.importorskip("transformers")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    for step in range(total_steps + 1):
+        expected = 3e-3 * schedule.lr_lambdas[0](step)
+        assert optim.warmup_cosine(step, warmup_steps, total_steps, 3e-3) == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_cosine_with_min_lr_equals_transformers_min_lr_schedule():
+    transformers = pytest.importorskip("transformers")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    schedule = transformers.get_cosine_with_min_lr_schedule_with_warmup(optimizer, 5, 40, min_lr_rate=0.1)
+    for step in range(41):
+        expected = 2e-3 * schedule.lr_lambdas[0](step)
+        assert optim.warmup_cosine(step, 5, 40, 2e-3, min_lr=2e-4) == pytest.approx(expected, rel=1e-12, abs=1e-18)
+
+
+def test_warmup_cosine_hits_its_landmarks_and_stays_at_min_lr_after_the_end():
+    assert optim.warmup_cosine(0, 10, 110, 1.0) == 0.0  # warm-up starts at 0
+    assert optim.warmup_cosine(5, 10, 110, 1.0) == pytest.approx(0.5)  # linear
+    assert optim.warmup_cosine(10, 10, 110, 1.0) == pytest.approx(1.0)  # peak
+    assert optim.warmup_cosine(60, 10, 110, 1.0, min_lr=0.2) == pytest.approx(0.6)  # half-way: the mid-point
+    assert optim.warmup_cosine(110, 10, 110, 1.0, min_lr=0.2) == pytest.approx(0.2)
+    assert optim.warmup_cosine(500, 10, 110, 1.0, min_lr=0.2) == pytest.approx(0.2)
+
+
+def test_warmup_cosine_scheduler_steps_an_optimizer_like_transformers_and_keeps_each_group_peak():
+    transformers = pytest.importorskip("transformers")
+    ours_params = [torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)]
+    theirs_params = [torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)]
+    ours_opt = torch.optim.AdamW([{"params": ours_params[:1], "lr": 1e-3}, {"params": ours_params[1:], "lr": 4e-3}])
+    theirs_opt = torch.optim.AdamW([{"params": theirs_params[:1], "lr": 1e-3},
+                                    {"params": theirs_params[1:], "lr": 4e-3}])
+    ours = optim.warmup_cosine_scheduler(ours_opt, 4, 20)
+    theirs = transformers.get_cosine_schedule_with_warmup(theirs_opt, 4, 20)
+    for step in range(20):
+        for group, reference in zip(ours_opt.param_groups, theirs_opt.param_groups):
+            assert group["lr"] == pytest.approx(reference["lr"], rel=1e-12, abs=1e-18)
+        assert ours_opt.param_groups[1]["lr"] == pytest.approx(optim.warmup_cosine(step, 4, 20, 4e-3), abs=1e-15)
+        for opt in (ours_opt, theirs_opt):
+            opt.step()
+        ours.step()
+        theirs.step()
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((-1, 0, 10, 1.0), ValueError, "step must be >= 0, got -1"),
+        ((1.5, 0, 10, 1.0), TypeError, "step must be an int, got float"),
+        ((0, 10, 10, 1.0), ValueError, r"warmup_steps must be < total_steps \(10\), got 10"),
+        ((0, -1, 10, 1.0), ValueError, "warmup_steps must be >= 0"),
+        ((0, 0, 0, 1.0), ValueError, "total_steps must be >= 1, got 0"),
+        ((0, 0, True, 1.0), TypeError, "total_steps must be an int, got bool"),
+        ((0, 0, 10, -1.0), ValueError, "peak_lr must be >= 0"),
+        ((0, 0, 10, "1e-3"), TypeError, "peak_lr must be a real number, got str"),
+        ((0, 0, 10, 1e-3, 1e-2), ValueError, r"min_lr must be in \[0, 0.001\], got 0.01"),
+    ],
+)
+def test_warmup_cosine_rejects_bad_arguments_naming_them(args, error, message):
+    with pytest.raises(error, match=message):
+        optim.warmup_cosine(*args)
+
+
+def test_warmup_cosine_scheduler_rejects_bad_arguments():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
+        optim.warmup_cosine_scheduler([], 1, 10)
+    with pytest.raises(ValueError, match=r"min_lr_ratio must be in \[0, 1\], got 1.5"):
+        optim.warmup_cosine_scheduler(optimizer, 1, 10, min_lr_ratio=1.5)
+    with pytest.raises(ValueError, match="warmup_steps must be < total_steps"):
+        optim.warmup_cosine_scheduler(optimizer, 12, 10)
+
+
+def _two_layer_grads(seed, scale):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    (model(torch.randn(32, 8)).pow(2).sum() * scale).backward()
+    return model
+
+
+@pytest.mark.parametrize("scale, max_norm", [(1.0, 0.5), (1.0, 1e3), (1e-3, 1.0), (50.0, 1.0), (50.0, math.inf)])
+def test_clip_grad_norm_equals_torch_clip_grad_norm_(scale, max_norm):
+    ours_model, theirs_model = _two_layer_grads(0, scale), _two_layer_grads(0, scale)
+    ours_norm = optim.clip_grad_norm(ours_model.parameters(), max_norm)
+    theirs_norm = torch.nn.utils.clip_grad_norm_(theirs_model.parameters(), max_norm)
+    torch.testing.assert_close(ours_norm, theirs_norm)
+    for ours, theirs in zip(ours_model.parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+def test_clip_grad_norm_caps_the_global_norm_and_keeps_the_direction():
+    model = _two_layer_grads(1, 10.0)
+    before = torch.cat([p.grad.flatten() for p in model.parameters()])
+    norm = optim.clip_grad_norm(model.parameters(), 1.0)
+    after = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(before))  # the norm before clipping
+    assert norm > 1.0
+    torch.testing.assert_close(torch.linalg.vector_norm(after), torch.tensor(1.0))
+    torch.testing.assert_close(after, before / torch.linalg.vector_norm(before))
+
+
+def test_clip_grad_norm_skips_parameters_without_gradient_and_accepts_one_tensor():
+    with_grad, without = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    with_grad.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert optim.clip_grad_norm([with_grad, without], 10.0).item() == pytest.approx(5.0)
+    assert without.grad is None and torch.equal(with_grad.grad, torch.tensor([3.0, 4.0, 0.0]))
+    assert optim.clip_grad_norm(with_grad, 1.0).item() == pytest.approx(5.0)
+    torch.testing.assert_close(with_grad.grad, torch.tensor([0.6, 0.8, 0.0]), rtol=1e-5, atol=1e-6)
+    assert optim.clip_grad_norm([without], 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "parameters, max_norm, error, message",
+    [
+        ([torch.ones(2)], 0.0, ValueError, "max_norm must be > 0, got 0.0"),
+        ([torch.ones(2)], float("nan"), ValueError, "max_norm must be a number, got nan"),
+        ([torch.ones(2)], "1", TypeError, "max_norm must be a real number, got str"),
+        (3, 1.0, TypeError, "parameters must be a tensor or an iterable of tensors, got int"),
+        ([torch.ones(2), "w"], 1.0, TypeError, r"parameters\[1\] must be a torch.Tensor, got str"),
+    ],
+)
+def test_clip_grad_norm_rejects_bad_arguments(parameters, max_norm, error, message):
+    with pytest.raises(error, match=message):
+        optim.clip_grad_norm(parameters, max_norm)
+
+
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pinned in requirements.txt
+    given = None
+
+if given is not None:
+    @given(warmup=st.integers(0, 50), decay=st.integers(1, 200), peak=st.floats(1e-6, 1.0),
+           min_fraction=st.floats(0.0, 1.0))
+    def test_warmup_cosine_rises_during_warmup_then_falls_within_min_and_peak(warmup, decay, peak, min_fraction):
+        total, min_lr = warmup + decay, peak * min_fraction
+        lrs = [optim.warmup_cosine(step, warmup, total, peak, min_lr) for step in range(total + 1)]
+        rising, falling = lrs[:warmup + 1], lrs[warmup:]
+        assert all(a <= b for a, b in zip(rising, rising[1:]))  # monotone warm-up, 0 → peak
+        assert all(a >= b for a, b in zip(falling, falling[1:]))  # monotone decay, peak → min_lr
+        assert all(0.0 <= lr <= peak * (1 + 1e-12) for lr in rising)  # (peak up to float rounding)
+        assert all(min_lr * (1 - 1e-12) <= lr <= peak * (1 + 1e-12) for lr in falling)
+        assert falling[0] == pytest.approx(peak) and falling[-1] == pytest.approx(min_lr, abs=1e-15)
+
+    @given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-4.0, 4.0), max_norm=st.floats(1e-3, 1e3),
+           sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    def test_clipped_norm_is_at_most_max_norm_and_direction_is_unchanged(seed, log_scale, max_norm, sizes):
+        generator = torch.Generator().manual_seed(seed)
+        params = [torch.zeros(n, dtype=torch.float64, requires_grad=True) for n in sizes]
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator, dtype=torch.float64) * 10.0**log_scale
+        before = torch.cat([p.grad for p in params])
+        norm = optim.clip_grad_norm(params, max_norm)
+        after = torch.cat([p.grad for p in params])
+        assert torch.linalg.vector_norm(after) <= max_norm * (1 + 1e-12)
+        expected = before * min(1.0, max_norm / (norm.item() + 1e-6))  # same direction, length capped
+        torch.testing.assert_close(after, expected, rtol=1e-12, atol=0)
+        if norm <= max_norm:
+            assert torch.equal(after, before)  # already short enough: untouched (scale exactly 1)
