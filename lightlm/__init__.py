@@ -4,7 +4,9 @@ Four layers; a module imports only from its own layer or the ones above it in th
 
 1. **Techniques** — pure torch, one technique per module, the equation beside the line that computes it, each
    checked against its industrial counterpart: :mod:`~lightlm.attention` (attention, masks, tiled attention),
-   :mod:`~lightlm.transformer` (a minimal Transformer), :mod:`~lightlm.objectives` (pre-training objectives),
+   :mod:`~lightlm.transformer` (a minimal Transformer), :mod:`~lightlm.llama_blocks` and
+   :mod:`~lightlm.llama` (the modern decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache,
+   ``LlamaLM``), :mod:`~lightlm.objectives` (pre-training objectives),
    :mod:`~lightlm.optim` (Adam and AdamW written out), :mod:`~lightlm.distill` (knowledge-distillation losses),
    :mod:`~lightlm.distill_trainer` (those losses in a Hugging Face ``Trainer``), :mod:`~lightlm.train` (seeding, a
    small training loop, metrics, padding); to come: ``prune``, ``quant``, ``lowrank``, ``adapters``.
@@ -30,8 +32,8 @@ import importlib
 from .train import seed_everything
 
 __version__ = "0.2.0"
-_SUBMODULES = ("artefacts", "attention", "bench", "cost", "data", "distill", "distill_trainer", "objectives", "optim",
-               "plot", "train", "transformer", "widgets", "zoo")
+_SUBMODULES = ("artefacts", "attention", "bench", "cost", "data", "distill", "distill_trainer", "llama", "llama_blocks",
+               "objectives", "optim", "plot", "train", "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]

@@ -15,8 +15,9 @@ from torch import nn
 
 from ._checks import check_bool, check_int, check_real, check_tensor
 from .attention import MultiHeadAttention, causal_mask, padding_mask
+from .llama import LlamaLM  # the modern decoder (chapter 3), re-exported: lightlm.transformer.LlamaLM
 
-__all__ = ["TransformerConfig", "TransformerBlock", "EncoderClassifier", "CausalLM"]
+__all__ = ["TransformerConfig", "TransformerBlock", "EncoderClassifier", "CausalLM", "LlamaLM"]
 
 
 @dataclass

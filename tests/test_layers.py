@@ -17,9 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightlm"
 # Lowest first. Within infrastructure the order is a chain too (pins < cache < packages < ...).
 LAYERS: list[tuple[str, list[str]]] = [
     ("checks", ["_checks"]),
-    ("techniques", ["attention", "transformer", "objectives", "optim", "distill", "distill_trainer", "train",
-                    "prune", "quant", "lowrank", "adapters"]),
-    ("measurement", ["cost", "bench"]),
+    ("techniques", ["attention", "llama_blocks", "llama", "transformer", "objectives", "optim", "distill",
+                    "distill_trainer", "train",
+                    "onpolicy",  # chapter 8: on-policy distillation
+                    "prune", "prune_calib", "prune_structured", "quant", "lowrank", "adapters"]),
+    ("measurement", ["cost", "bench", "stats"]),
     ("pins", ["_pins"]),
     ("cache", ["_cache"]),
     ("packages", ["_packages", "_hf"]),
