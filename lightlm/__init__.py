@@ -6,18 +6,25 @@ Four layers; a module imports only from its own layer or the ones above it in th
    checked against its industrial counterpart: :mod:`~lightlm.attention` (attention, masks, tiled attention),
    :mod:`~lightlm.transformer` (a minimal Transformer), :mod:`~lightlm.llama_blocks` and
    :mod:`~lightlm.llama` (the modern decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache,
-   ``LlamaLM``), :mod:`~lightlm.objectives` (pre-training objectives),
-   :mod:`~lightlm.optim` (Adam and AdamW written out), :mod:`~lightlm.distill` (knowledge-distillation losses),
-   :mod:`~lightlm.distill_trainer` (those losses in a Hugging Face ``Trainer``), :mod:`~lightlm.train` (seeding, a
-   small training loop, metrics, padding); to come: ``prune``, ``quant``, ``lowrank``, ``adapters``.
-2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only) and :mod:`~lightlm.bench`
-   (timing and peak memory).
+   ``LlamaLM``), :mod:`~lightlm.bpe` (byte-level BPE), :mod:`~lightlm.objectives` (pre-training objectives),
+   :mod:`~lightlm.prompting` (label-word scoring with a shared prompt cache, length-grouped batches),
+   :mod:`~lightlm.optim` (Adam and AdamW written out, warm-up with cosine decay, gradient clipping),
+   :mod:`~lightlm.distill` (knowledge-distillation losses), :mod:`~lightlm.distill_trainer` (those losses in a
+   Hugging Face ``Trainer``), :mod:`~lightlm.onpolicy` (on-policy distillation), :mod:`~lightlm.train` (seeding,
+   a small training loop, metrics, padding), :mod:`~lightlm.prune` (magnitude and N:M masks, reparametrisation,
+   schedule), :mod:`~lightlm.prune_calib` (Wanda, SparseGPT, sequential calibration),
+   :mod:`~lightlm.prune_structured` (heads, neurons and layers of Hugging Face models); to come: ``quant``,
+   ``lowrank``, ``adapters``.
+2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only), :mod:`~lightlm.bench`
+   (timing, peak memory, the roofline's peak FLOP/s and bandwidth) and :mod:`~lightlm.stats` (standard errors,
+   paired bootstrap, McNemar's test, retention).
 3. **Infrastructure** — :mod:`~lightlm.zoo` (the real models, offline), :mod:`~lightlm.data` (the data sets),
    :mod:`~lightlm.artefacts` (the chapters' cached artefacts, their registry and ``python -m lightlm.zoo warm``),
    and private helpers: ``_pins`` (the pinned packages and file hashes), ``_packages`` (finding and checking
    them), ``_cache`` (the one cache protocol), ``_hf`` (safe local loading), ``_checks`` (argument checks).
-4. **Presentation** — :mod:`~lightlm.plot` (shared figures, tables) and :mod:`~lightlm.widgets` (interactive demos
-   with a static fallback).
+4. **Presentation** — :mod:`~lightlm.plot` (shared figures, tables), :mod:`~lightlm.widgets` (interactive demos
+   with a static fallback) and :mod:`~lightlm.exercises` (``check(name, fn)`` for the exercises the reader
+   implements).
 
 ``import lightlm`` imports only torch and numpy; submodules load on first use (``lightlm.zoo``), and
 transformers, datasets, matplotlib and ipywidgets are imported inside the functions that need them.
@@ -32,8 +39,9 @@ import importlib
 from .train import seed_everything
 
 __version__ = "0.2.0"
-_SUBMODULES = ("artefacts", "attention", "bench", "cost", "data", "distill", "distill_trainer", "llama", "llama_blocks",
-               "objectives", "optim", "plot", "train", "transformer", "widgets", "zoo")
+_SUBMODULES = ("artefacts", "attention", "bench", "bpe", "cost", "data", "distill", "distill_trainer", "exercises",
+               "llama", "llama_blocks", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
+               "prune_calib", "prune_structured", "stats", "train", "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]

@@ -17,10 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightlm"
 # Lowest first. Within infrastructure the order is a chain too (pins < cache < packages < ...).
 LAYERS: list[tuple[str, list[str]]] = [
     ("checks", ["_checks"]),
-    ("techniques", ["attention", "llama_blocks", "llama", "transformer", "objectives", "optim", "distill",
-                    "distill_trainer", "train",
-                    "onpolicy",  # chapter 8: on-policy distillation
-                    "prune", "prune_calib", "prune_structured", "quant", "lowrank", "adapters"]),
+    ("techniques", ["attention", "llama_blocks", "llama", "transformer", "bpe", "objectives", "prompting", "optim",
+                    "distill", "distill_trainer", "train", "onpolicy", "prune", "prune_calib", "prune_structured", "quant", "lowrank", "adapters"]),
     ("measurement", ["cost", "bench", "stats"]),
     ("pins", ["_pins"]),
     ("cache", ["_cache"]),
