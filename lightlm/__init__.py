@@ -38,7 +38,7 @@ import importlib
 
 from .train import seed_everything
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 _SUBMODULES = ("artefacts", "attention", "bench", "bpe", "cost", "data", "distill", "distill_trainer", "exercises",
                "llama", "llama_blocks", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
                "prune_calib", "prune_structured", "stats", "train", "transformer", "widgets", "zoo")
