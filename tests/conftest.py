@@ -67,6 +67,23 @@ def rt_teacher_ready():
     require_warm(teachers.rt_teacher_path(), teachers.rt_teacher_inputs())
 
 
+@pytest.fixture(scope="session")
+def rt_students_ready(rt_teacher_ready):
+    """Chapter 7's cached student runs are built (and verified) in the cache the tests read."""
+    from lightlm.artefacts import rt_students
+
+    require_warm(rt_students.rt_students_path(), rt_students.rt_students_inputs())
+
+
+@pytest.fixture(scope="session")
+def lm_students_ready(smollm2):
+    """Chapter 8's cached teacher outputs and student runs are built (and verified) in the cache the tests read."""
+    from lightlm.artefacts import lm_cache, lm_students
+
+    require_warm(lm_cache.cache_path(), lm_cache._inputs(lm_cache._config(None), None))
+    require_warm(lm_students.lm_students_path(), lm_students.lm_students_inputs())
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tests on one torch thread (use with ``pytestmark = pytest.mark.usefixtures(...)``):
