@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from ._checks import check_real
 
-__all__ = ["DEVICE_MEMORY_GB", "memory_bars", "latency_curves", "parameter_breakdown", "table", "attention_maps",
+__all__ = ["DEVICE_MEMORY_GB", "memory_bars", "latency_curves", "parameter_breakdown", "table", "source", "attention_maps",
            "softened_distributions", "roofline"]
 
 DEVICE_MEMORY_GB = {"laptop (16 GB)": 16, "RTX 4090 (24 GB)": 24, "H100 (80 GB)": 80}
@@ -107,6 +107,24 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str =
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return Markdown("\n".join(lines))
+
+
+def source(*functions: Any):
+    """The library's source of each function, syntax-highlighted, as an ``IPython.display.Code`` object.
+
+    The chapters show the library's code this way, so the text on the page is the code that runs.
+    """
+    import inspect
+    import textwrap
+
+    from IPython.display import Code
+
+    if not functions:
+        raise ValueError("source needs at least one function, method or class")
+    for function in functions:
+        if not (inspect.isfunction(function) or inspect.ismethod(function) or inspect.isclass(function)):
+            raise TypeError(f"source shows functions, methods and classes, got {type(function).__name__}")
+    return Code("\n".join(textwrap.dedent(inspect.getsource(f)) for f in functions), language="python")
 
 
 def attention_maps(weights: Any, tokens: Sequence[str], titles: Sequence[str] | None = None, ncols: int = 4,

@@ -177,3 +177,20 @@ def test_roofline_rejects_bad_input(kwargs, error, message):
     arguments = dict(peak_flops=1e11, bandwidth=1e10, intensities={"a": 1.0}) | kwargs
     with pytest.raises(error, match=message):
         plot.roofline(**arguments)
+
+
+def test_source_shows_the_functions_code_dedented_and_highlighted():
+    from lightlm.transformer import TransformerBlock
+
+    shown = plot.source(plot.table, TransformerBlock.forward)
+    assert type(shown).__name__ == "Code"
+    assert shown.data.startswith("def table(headers")  # the module-level function as written
+    assert "\ndef forward(self, x" in shown.data  # the method, dedented from its class body
+    assert 'language="python"' in shown._repr_html_() or "highlight" in shown._repr_html_()
+
+
+def test_source_refuses_what_has_no_source():
+    with pytest.raises(ValueError, match="at least one"):
+        plot.source()
+    with pytest.raises(TypeError, match="functions, methods and classes"):
+        plot.source("table")
