@@ -297,3 +297,13 @@ def test_property_nm_mask_count_and_idempotence(rows, groups, nm, seed):
     mask = prune.nm_mask(scores, n, m)
     assert (mask.view(rows, groups, m).sum(-1) == n).all()
     assert torch.equal(prune.nm_mask(scores * mask, n, m), mask)
+
+
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=200), st.data())
+def test_lowest_mask_is_a_stable_sorts_first_k_even_with_many_ties(values, data):
+    # lowest_mask finds the k-th value in O(n) instead of sorting; the reference is the stable sort it replaces
+    scores = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(0, len(values)))
+    reference = torch.ones(len(values), dtype=torch.bool)
+    reference[torch.argsort(scores, stable=True)[:k]] = False
+    assert torch.equal(prune.lowest_mask(scores, k), reference)

