@@ -58,15 +58,11 @@ def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = check_int("k", k, min=0, max=scores.numel())
     flat = scores.flatten()
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=scores.device)
-    if k == 0:
-        return keep.view(scores.shape)
-    # the same mask as a stable argsort's first k, in O(n): everything below the k-th smallest value goes, then
-    # as many of the entries equal to it as are still needed, lowest flat index first
-    threshold = flat.kthvalue(k).values
-    below = flat < threshold
-    keep[below] = False
-    ties = torch.nonzero(flat == threshold).flatten()
-    keep[ties[:k - int(below.sum())]] = False
+    if k:  # a stable argsort's first k, in O(n): all below the k-th value, then ties by lowest flat index
+        threshold = flat.kthvalue(k).values
+        below = flat < threshold
+        keep[below] = False
+        keep[torch.nonzero(flat == threshold).flatten()[:k - int(below.sum())]] = False
     return keep.view(scores.shape)
 
 

@@ -71,3 +71,12 @@ def test_the_cached_runs_are_what_the_recipes_train(recipe):
     assert _largest_difference(continued, recipe.continued["+ off-policy KD", 0]) > 0.01
     start = recipe.students["text (cross-entropy)", 0].state_dict()
     assert any(not torch.equal(value, start[name]) for name, value in continued.state_dict().items())
+
+
+def test_fewer_steps_are_the_first_steps_of_a_run(recipe):
+    lm_students.load_lm_students(recipe, progress=False)
+    _, first = recipe.train_student("sequence-level KD", 0, steps=3)
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(recipe.curves["sequence-level KD", 0][:3]),
+                               rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="steps"):
+        recipe.train_student("sequence-level KD", 0, steps=0)

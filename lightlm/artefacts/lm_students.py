@@ -23,6 +23,7 @@ import torch
 
 from .. import objectives, onpolicy
 from .._cache import ensure, read_manifest
+from .._checks import check_int
 from ..train import seed_everything, train_loop
 from ..transformer import CausalLM, TransformerConfig
 from . import lm_cache
@@ -110,11 +111,13 @@ class LMRecipe:
         finally:
             torch.set_num_threads(threads)
 
-    def train_student(self, name: str, seed: int) -> tuple[CausalLM, list[float]]:
-        """One run of section 8.5: ``steps`` batches of ``batch`` windows in the seed's order, the same for every
-        recipe; the seed also fixes the initial weights (shared by the four recipes)."""
+    def train_student(self, name: str, seed: int, steps: int | None = None) -> tuple[CausalLM, list[float]]:
+        """One run of section 8.5: ``steps`` (default ``SETTINGS["steps"]``) batches of ``batch`` windows in the
+        seed's order, the same for every recipe; the seed also fixes the initial weights (shared by the four
+        recipes). Fewer steps give the first steps of the full run."""
+        steps = SETTINGS["steps"] if steps is None else check_int("steps", steps, min=1)
         order = torch.randperm(len(self.train_ids), generator=torch.Generator().manual_seed(seed))
-        batches = list(order[:SETTINGS["steps"] * SETTINGS["batch"]].split(SETTINGS["batch"]))
+        batches = list(order[:steps * SETTINGS["batch"]].split(SETTINGS["batch"]))
         student = self.new_student(seed)
         return student, self._train(student, batches, self.loss_fn(name))
 
