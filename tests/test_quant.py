@@ -143,3 +143,41 @@ def test_int_range():
 def test_bad_inputs_are_refused_clearly(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("shape", [(4, 64), (3, 2, 96)])
+def test_gguf_blocks_are_llama_cpps_byte_for_byte(kind, shape):
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    weight[0, :32] = 0.0  # an all-zero block: d = 0
+    tied = torch.tensor([127.0, 63.5, -63.5, 0.5, -0.5, 2.5] + [1.0] * 26)  # Q8_0: d = 1, so x / d ties
+    weight.view(-1)[64:96] = tied * 0.0625  # a power of two keeps the ties exact
+    qtype = getattr(GGMLQuantizationType, kind)
+    reference = quants.quantize(weight.numpy(), qtype)
+    ours = quant.gguf_quantize(weight, kind)
+    assert ours.dtype == torch.uint8 and tuple(ours.shape) == reference.shape
+    assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(reference)))
+    restored = quant.gguf_dequantize(ours, kind, shape)
+    torch.testing.assert_close(restored, torch.from_numpy(quants.dequantize(reference, qtype)), rtol=0, atol=0)
+    step = (weight.abs().amax() / (127 if kind == "Q8_0" else 7)).item()
+    assert (restored - weight).abs().max().item() <= step  # within one step of the largest block's grid
+
+
+def test_round_half_away_from_zero_is_c_roundf():
+    x = torch.tensor([0.5, -0.5, 1.5, -2.5, 0.49999997, 2.4999998, -0.0])
+    assert quant._round_half_away(x).tolist() == [1.0, -1.0, 2.0, -3.0, 0.0, 2.0, -0.0]
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: quant.gguf_quantize(torch.ones(4, 30), "Q8_0"), ValueError, "multiple of 32"),
+    (lambda: quant.gguf_quantize(torch.ones(4, 32), "Q5_K"), ValueError, "unknown GGUF kind"),
+    (lambda: quant.gguf_quantize(torch.full((32,), float("nan")), "Q4_0"), ValueError, "finite"),
+    (lambda: quant.gguf_dequantize(torch.zeros(34, dtype=torch.int8), "Q8_0", (32,)), TypeError, "uint8"),
+    (lambda: quant.gguf_dequantize(torch.zeros(34, dtype=torch.uint8), "Q4_0", (32,)), ValueError, "cannot hold"),
+])
+def test_gguf_bad_inputs_are_refused_clearly(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
