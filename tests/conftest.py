@@ -80,7 +80,7 @@ def lm_students_ready(smollm2):
     """Chapter 8's cached teacher outputs and student runs are built (and verified) in the cache the tests read."""
     from lightlm.artefacts import lm_cache, lm_students
 
-    require_warm(lm_cache.cache_path(), lm_cache._inputs(lm_cache._config(None), None))
+    require_warm(lm_cache.cache_path(), lm_cache.lm_cache_inputs())
     require_warm(lm_students.lm_students_path(), lm_students.lm_students_inputs())
 
 

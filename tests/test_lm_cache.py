@@ -28,6 +28,14 @@ def tiny_cache(smollm2, tmp_path_factory):
         yield folder, lm_cache.load_lm_cache(TINY, progress=False), patch
 
 
+def test_lm_cache_inputs_are_what_a_current_cache_records(tiny_cache):
+    # the artefacts built on the cache record these inputs: they must match a cache that is up to date
+    folder, _, _ = tiny_cache
+    assert _cache.read_manifest(folder)["inputs"] == _cache._canonical(lm_cache.lm_cache_inputs(TINY))
+    assert _cache.inspect(folder, lm_cache.lm_cache_inputs(TINY)) is None
+    assert lm_cache.lm_cache_inputs(TINY) != lm_cache.lm_cache_inputs()  # another configuration, other inputs
+
+
 def test_cache_round_trip_has_the_configured_shapes_and_dtypes(tiny_cache):
     folder, cache, _ = tiny_cache
     assert folder == lm_cache.cache_path(TINY) and folder.is_dir()

@@ -110,3 +110,14 @@ def test_the_cached_runs_are_what_the_recipe_trains(recipe, rt_students_ready):
                       for name, value in fresh.state_dict().items())
         agree = (recipe.correct(fresh, recipe.test) == recipe.correct(cached, recipe.test)).float().mean().item()
         assert (largest < 0.01 and agree > 0.99) == near, (seed, largest, agree)
+
+
+def test_on_run_hears_of_each_run_once(recipe, monkeypatch):
+    monkeypatch.setitem(rt_students.SETTINGS, "steps", 2)
+    fresh = rt_students.Recipe.__new__(rt_students.Recipe)  # the fixture's data, an empty memo of its own
+    fresh.__dict__.update({**recipe.__dict__, "runs": {}})
+    heard = []
+    fresh.on_run = heard.append
+    fresh.run("hard labels", 5, 2.0, 0.5)
+    fresh.run("hard labels", 5, 4.0, 0.9)  # the same run: T and alpha play no part, so memoised
+    assert heard == [("hard labels", 5, None, None)]

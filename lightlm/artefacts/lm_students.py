@@ -16,6 +16,7 @@ one. Only torch is imported at load time.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -124,8 +125,6 @@ class LMRecipe:
     def continue_student(self, arm: str, seed: int, start: CausalLM) -> CausalLM:
         """One run of section 8.6: a copy of ``start`` continued for ``on_steps`` steps of ``on_batch`` prompts
         (the first ``prompt_len`` tokens of training windows, the same for both arms of a seed)."""
-        import copy
-
         order = torch.randperm(len(self.train_ids), generator=torch.Generator().manual_seed(seed + 10))
         batches = list(order[:SETTINGS["on_steps"] * SETTINGS["on_batch"]].split(SETTINGS["on_batch"]))
         student = copy.deepcopy(start)  # both arms start from the same weights
@@ -140,8 +139,7 @@ def lm_students_path() -> Path:
 
 def lm_students_inputs() -> dict:
     """What the runs are computed from: :data:`SETTINGS`, the LM cache's own inputs and torch's version."""
-    expected = lm_cache._inputs(lm_cache._config(None), None)  # the chapter's cache, as it should be now
-    return {"settings": SETTINGS, "lm_cache": expected, "torch": torch.__version__}
+    return {"settings": SETTINGS, "lm_cache": lm_cache.lm_cache_inputs(), "torch": torch.__version__}
 
 
 def _build(staging: Path, progress: bool) -> dict:

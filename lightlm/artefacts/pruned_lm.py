@@ -28,7 +28,7 @@ from .._cache import ensure, inspect, read_manifest
 from .._checks import check_bool, check_choice, check_module, check_tensor
 from .._packages import versions
 from ..prune import magnitude_mask, nm_mask
-from ..prune_calib import prune_sequential
+from ..prune_calib import _run, _Stop, prune_sequential
 from ..prune_structured import transformer_layers
 
 __all__ = ["SETTINGS", "pruned_lm_path", "pruned_lm_inputs", "parse_target", "prune_lm", "heldout_perplexity",
@@ -48,9 +48,8 @@ def pruned_lm_inputs() -> dict:
     """What the table is computed from: :data:`SETTINGS`, the model, chapter 8's cache and the library versions."""
     from . import lm_cache
 
-    return {"settings": SETTINGS, "model": zoo.smollm2_inputs(), "lm_cache": read_manifest(lm_cache.cache_path())
-            ["inputs"] if lm_cache.cache_path().exists() else None, "precision": "fp32",
-            "packages": {"torch": torch.__version__, **versions("transformers")}}
+    return {"settings": SETTINGS, "model": zoo.smollm2_inputs(), "lm_cache": lm_cache.lm_cache_inputs(),
+            "precision": "fp32", "packages": {"torch": torch.__version__, **versions("transformers")}}
 
 
 def parse_target(target: str) -> dict:
@@ -72,10 +71,6 @@ def parse_target(target: str) -> dict:
                          f"1 <= N <= M such as '2:4', got {target!r}") from None
 
 
-class _Stop(Exception):
-    pass
-
-
 def _layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The hidden states entering layer 0 for ``ids`` and the other keyword arguments the model passes it."""
     captured = {}
@@ -88,9 +83,7 @@ def _layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) ->
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
+            _run(model, {"input_ids": ids, "use_cache": False})  # stops at layer 0
     finally:
         handle.remove()
     return captured["hidden"], {**captured["kwargs"], "use_cache": False}

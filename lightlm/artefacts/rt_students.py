@@ -67,6 +67,7 @@ class Recipe:
         self.smoothing = round(2 * elsewhere.mean().item(), 2)  # ε/2 on the other class
         self.pseudo_labels = self.transfer_logits.argmax(-1)
         self.runs: dict[tuple, tuple[EncoderClassifier, list]] = {}
+        self.on_run = None  # called with the key after each run is trained (a progress bar)
 
     def make_student(self, seed: int) -> EncoderClassifier:
         """A fresh student: seeded blocks, the teacher's projected embeddings, frozen."""
@@ -182,6 +183,8 @@ class Recipe:
         key = self.key(method, seed, T, alpha)
         if key not in self.runs:
             self.runs[key] = self.train_student(method, seed, T, alpha, curve=seed == 0)
+            if self.on_run is not None:
+                self.on_run(key)
         return self.runs[key][0]
 
     def sweep(self) -> dict:
@@ -208,14 +211,7 @@ def _build(staging: Path, progress: bool) -> dict:
     settings = SETTINGS
     bar = tqdm(total=len(settings["temperatures"]) + len(settings["alphas"]) - 1, desc="chapter 7's students",
                disable=not progress)
-    original = recipe.train_student
-
-    def counted(*args, **kwargs):
-        result = original(*args, **kwargs)
-        bar.update()
-        return result
-
-    recipe.train_student = counted
+    recipe.on_run = lambda key: bar.update()
     sweep = recipe.sweep()
     needed = {recipe.key(method, seed, sweep["best_T"], sweep["best_alpha"])
               for method in METHODS + CONTROLS for seed in settings["seeds"]}
