@@ -12,9 +12,11 @@ Four layers; a module imports only from its own layer or the ones above it in th
    :mod:`~lightlm.distill` (knowledge-distillation losses), :mod:`~lightlm.distill_trainer` (those losses in a
    Hugging Face ``Trainer``), :mod:`~lightlm.onpolicy` (on-policy distillation), :mod:`~lightlm.train` (seeding,
    a small training loop, metrics, padding), :mod:`~lightlm.prune` (magnitude and N:M masks, reparametrisation,
-   schedule), :mod:`~lightlm.prune_calib` (Wanda, SparseGPT, sequential calibration),
-   :mod:`~lightlm.prune_structured` (heads, neurons and layers of Hugging Face models); to come: ``quant``,
-   ``lowrank``, ``adapters``.
+   schedule), :mod:`~lightlm.calibrate` (per-Linear input statistics, sequential calibration),
+   :mod:`~lightlm.prune_calib` (Wanda, SparseGPT and the column walk they share with GPTQ),
+   :mod:`~lightlm.prune_structured` (heads, neurons and layers of Hugging Face models), :mod:`~lightlm.quant`
+   (affine quantization), :mod:`~lightlm.quant_gptq` (GPTQ and round-to-nearest); to come: ``lowrank``,
+   ``adapters``.
 2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only), :mod:`~lightlm.bench`
    (timing, peak memory, the roofline's peak FLOP/s and bandwidth) and :mod:`~lightlm.stats` (standard errors,
    paired bootstrap, McNemar's test, retention).
@@ -39,9 +41,9 @@ import importlib
 from .train import seed_everything
 
 __version__ = "0.3.0"
-_SUBMODULES = ("artefacts", "attention", "bench", "bpe", "cost", "data", "distill", "distill_trainer", "exercises",
+_SUBMODULES = ("artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "distill", "distill_trainer", "exercises",
                "llama", "llama_blocks", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
-               "prune_calib", "prune_structured", "stats", "train", "transformer", "widgets", "zoo")
+               "prune_calib", "prune_structured", "quant", "quant_gptq", "stats", "train", "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]

@@ -12,15 +12,17 @@ each pruned weight's error over the columns not yet visited (the optimal-brain-s
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ._checks import check_choice, check_int, check_module, check_real, check_tensor
+from .calibrate import calibrate_sequential, linear_groups
 from .prune import lowest_mask, n_pruned, nm_mask, row_mask
 
-__all__ = ["wanda_scores", "wanda_mask", "hessian", "sparsegpt_prune", "linear_groups", "prune_sequential"]
+__all__ = ["wanda_scores", "wanda_mask", "hessian", "inverse_hessian_factor", "obs_walk", "sparsegpt_prune",
+           "linear_groups", "prune_sequential"]
 
 
 def _inputs_2d(weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -81,6 +83,51 @@ def hessian(inputs: torch.Tensor) -> torch.Tensor:
     return 2 * x.T @ x / x.shape[0]
 
 
+def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor,
+                           damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """U, the upper Cholesky factor of (H + λI)⁻¹ = UᵀU with λ = damp · mean(diag H), and the mask of dead
+    columns (diag H = 0: never seen), whose entries of ``weight`` (float, modified in place) are set to 0."""
+    H = hessian.detach().to(weight.dtype).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    weight[:, dead] = 0
+    H.diagonal().add_(damp * torch.diagonal(H).mean())
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+    except torch.linalg.LinAlgError as error:
+        raise ValueError(f"the dampened Hessian is not positive definite (damp={damp}); raise damp") from error
+
+
+def obs_walk(W: torch.Tensor, U: torch.Tensor, column: Callable, blocksize: int = 128,
+             block: Callable | None = None) -> torch.Tensor:
+    """The optimal-brain-surgeon column walk SparseGPT and GPTQ share, in place on W (out, in), U from
+    :func:`inverse_hessian_factor`.
+
+    Columns are visited left to right in blocks of ``blocksize``. ``block(i1, W1, d)`` (optional) sees each block
+    (W1, its current weights; d, the diagonal of U's block) before its first column; ``column(j, rest, d)``
+    returns the new value of column j (pruned or quantized) from ``rest`` = the block's current columns j, j+1,
+    …, and their d. The column's error (w − q)/d_j is spread over the block's later columns at once and over the
+    later blocks lazily, in one matmul per block.
+    """
+    cols = W.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        errors = torch.zeros_like(W1)
+        if block is not None:
+            block(i1, W1, d)
+        for i in range(i2 - i1):
+            w = W1[:, i].clone()
+            q = column(i1 + i, W1[:, i:], d[i:])
+            errors[:, i] = (w - q) / d[i]
+            W1[:, i:] -= errors[:, i:i + 1] * U1[i:i + 1, i:]  # OBS: spread the error over the columns to come
+            W1[:, i] = q
+        W[:, i1:i2] = W1
+        W[:, i2:] -= errors @ U[i1:i2, i2:]  # lazy update of the later blocks
+    return W
+
+
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None, *,
                     n: int | None = None, m: int | None = None, mask: torch.Tensor | None = None,
                     blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,96 +163,25 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         raise ValueError(f"N:M needs blocksize ({blocksize}) and the input width ({cols}) to be multiples of m={m}")
     dtype = torch.promote_types(weight.dtype, torch.float32)
     W = weight.detach().to(dtype).clone()
-    H = hessian.detach().to(device=W.device, dtype=dtype).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H.diagonal().add_(damp * torch.diagonal(H).mean())
-    try:
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H⁻¹ = UᵀU
-    except torch.linalg.LinAlgError as error:
-        raise ValueError(f"the dampened Hessian is not positive definite (damp={damp}); raise damp") from error
+    U, dead = inverse_hessian_factor(hessian.to(W.device), W, damp)
     keep = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.to(W.device, torch.bool).clone()
     keep[:, dead] = False
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        d = torch.diagonal(U1)
-        errors = torch.zeros_like(W1)
-        if sparsity is not None:  # adaptive mask of this block, from the weights as updated so far
+
+    def choose_block(i1: int, W1: torch.Tensor, d: torch.Tensor) -> None:  # adaptive mask of this block
+        if sparsity is not None:
             scores = W1.square() / d.square()
-            keep[:, i1:i2] &= lowest_mask(scores, n_pruned(scores.numel(), sparsity))
-        for i in range(i2 - i1):
-            if m is not None and i % m == 0:
-                keep[:, i1 + i:i1 + i + m] &= nm_mask(W1[:, i:i + m].square() / d[i:i + m].square(), n, m)
-            w = W1[:, i]
-            q = torch.where(keep[:, i1 + i], w, torch.zeros_like(w))
-            errors[:, i] = (w - q) / d[i]
-            W1[:, i:] -= errors[:, i:i + 1] * U1[i:i + 1, i:]  # OBS: spread the error over the columns to come
-            W1[:, i] = q
-        W[:, i1:i2] = W1
-        W[:, i2:] -= errors @ U[i1:i2, i2:]  # lazy update of the later blocks
+            keep[:, i1:i1 + W1.shape[1]] &= lowest_mask(scores, n_pruned(scores.numel(), sparsity))
+
+    def prune_column(j: int, rest: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if m is not None and j % m == 0:
+            keep[:, j:j + m] &= nm_mask(rest[:, :m].square() / d[:m].square(), n, m)
+        return torch.where(keep[:, j], rest[:, 0], torch.zeros_like(rest[:, 0]))
+
+    obs_walk(W, U, prune_column, blocksize, choose_block)
     return W.to(weight.dtype), keep
 
 
 # --------------------------------------------------------------------------- sequential driver
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a calibration forward once the layers of interest have seen their inputs."""
-
-
-def _run(model: nn.Module, batch) -> None:
-    try:
-        model(**batch) if isinstance(batch, dict) else model(batch)
-    except _Stop:
-        pass
-
-
-def _check_calibration(calibration) -> list:
-    if isinstance(calibration, (torch.Tensor, dict)):
-        calibration = [calibration]
-    if not isinstance(calibration, Sequence) or not calibration:
-        raise TypeError("calibration must be a non-empty list of batches (tensors or dicts of model inputs), "
-                        f"got {type(calibration).__name__}")
-    for batch in calibration:
-        if not isinstance(batch, (torch.Tensor, dict)):
-            raise TypeError(f"each calibration batch must be a tensor or a dict of model inputs, got "
-                            f"{type(batch).__name__}")
-    return list(calibration)
-
-
-def _output_head(model: nn.Module):
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if callable(get) else None
-
-
-@torch.no_grad()
-def linear_groups(model: nn.Module, batch) -> list[list[str]]:
-    """The model's nn.Linear modules in call order (one forward on ``batch``), consecutive ones that receive the
-    very same input tensor grouped (a Llama block gives [q, k, v], [o], [gate, up], [down]). The output head
-    (``get_output_embeddings()``, often tied to the embeddings) is left out."""
-    check_module("model", model)
-    head = _output_head(model)
-    calls: list[tuple[str, torch.Tensor]] = []
-    handles = [module.register_forward_hook(lambda mod, inp, out, name=name: calls.append((name, inp[0])))
-               for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
-    try:
-        _run(model, _check_calibration(batch)[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: list[list[str]] = []
-    seen = set()
-    for i, (name, x) in enumerate(calls):
-        if name in seen:
-            continue
-        seen.add(name)
-        if i and calls[i - 1][1] is x and groups:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return groups
 
 
 def prune_sequential(model: nn.Module, calibration, method: str = "wanda", sparsity: float | None = None, *,
@@ -213,69 +189,33 @@ def prune_sequential(model: nn.Module, calibration, method: str = "wanda", spars
                      blocksize: int = 128, damp: float = 0.01) -> dict[str, torch.Tensor]:
     """Prune a model's Linears one group at a time, in place, from calibration batches (chapter 9).
 
-    For each group (a list of module names pruned together; default :func:`linear_groups`) the calibration
-    batches run through the model — whose earlier groups are already pruned — and forward hooks collect the
-    group's inputs (‖X_j‖² for ``"wanda"``, XᵀX for ``"sparsegpt"``); the forward stops as soon as every member
-    has seen its input, so each Linear must be called once per forward (true of Hugging Face models).
+    :func:`lightlm.calibrate.calibrate_sequential` runs the calibration batches through the model — whose
+    earlier groups are already pruned — and collects each group's inputs (‖X_j‖² for ``"wanda"``, XᵀX for
+    ``"sparsegpt"``); each member is then pruned (and reconstructed, for SparseGPT).
 
     Args:
         calibration: a list of batches, each a tensor (``model(batch)``) or a dict (``model(**batch)``).
         method: ``"wanda"`` or ``"sparsegpt"``; sparsity or n, m as in :func:`wanda_mask`.
-        groups: module names, each a name or a list of names; names must be nn.Linear modules.
+        groups: module names, each a name or a list of names (default
+            :func:`lightlm.calibrate.linear_groups`); names must be nn.Linear modules.
 
     Returns:
-        ``{module name: keep-mask}``; the weights are overwritten (pruned, and reconstructed for SparseGPT).
+        ``{module name: keep-mask}``; the weights are overwritten.
     """
     check_module("model", model)
     method = check_choice("method", method, ("wanda", "sparsegpt"))
     sparsity, n, m = _target(sparsity, n, m)
-    calibration = _check_calibration(calibration)
-    modules = dict(model.named_modules())
-    groups = linear_groups(model, calibration[0]) if groups is None else [
-        [g] if isinstance(g, str) else list(g) for g in groups]
-    listed = [name for group in groups for name in group]
-    if len(set(listed)) != len(listed):
-        raise ValueError(f"a module is named twice in groups: {sorted({n for n in listed if listed.count(n) > 1})}")
-    for name in listed:
-        if name not in modules:
-            raise ValueError(f"unknown module name {name!r}; Linear modules include "
-                             f"{[k for k, v in modules.items() if isinstance(v, nn.Linear)][:4]}")
-        if not isinstance(modules[name], nn.Linear):
-            raise TypeError(f"module {name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
     masks = {}
-    for group in groups:
-        stats = {name: [0.0, 0] for name in group}  # wanda: Σ x², sparsegpt: Σ xᵀx; and the token count
-        seen: set[str] = set()
 
-        def collect(name: str, x: torch.Tensor) -> None:
-            x = x.detach().reshape(-1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
-            stats[name][0] = stats[name][0] + (x.square().sum(0) if method == "wanda" else x.T @ x)
-            stats[name][1] += x.shape[0]
-            seen.add(name)
-            if len(seen) == len(group):
-                raise _Stop
+    def prune(name: str, module: nn.Linear, total: torch.Tensor, tokens: int) -> None:
+        weight = module.weight
+        if method == "wanda":
+            masks[name] = _wanda_from_sq(weight, total, sparsity, n, m)
+            weight.mul_(masks[name].to(weight.dtype))
+        else:
+            new, masks[name] = sparsegpt_prune(weight, 2 * total / tokens, sparsity, n=n, m=m, blocksize=blocksize,
+                                               damp=damp)
+            weight.copy_(new)
 
-        handles = [modules[name].register_forward_hook(lambda mod, inp, out, name=name: collect(name, inp[0]))
-                   for name in group]
-        try:
-            with torch.no_grad():
-                for batch in calibration:
-                    seen.clear()
-                    _run(model, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        with torch.no_grad():
-            for name in group:
-                weight = modules[name].weight
-                total, tokens = stats[name]
-                if not tokens:
-                    raise ValueError(f"module {name!r} was never called by the calibration forward")
-                if method == "wanda":
-                    masks[name] = _wanda_from_sq(weight, total, sparsity, n, m)
-                    weight.mul_(masks[name].to(weight.dtype))
-                else:
-                    new, masks[name] = sparsegpt_prune(weight, 2 * total / tokens, sparsity, n=n, m=m,
-                                                       blocksize=blocksize, damp=damp)
-                    weight.copy_(new)
+    calibrate_sequential(model, calibration, prune, "sq" if method == "wanda" else "gram", groups)
     return masks

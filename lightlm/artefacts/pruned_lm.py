@@ -28,11 +28,12 @@ from .._cache import ensure, inspect, read_manifest
 from .._checks import check_bool, check_choice, check_module, check_tensor
 from .._packages import versions
 from ..prune import magnitude_mask, nm_mask
-from ..prune_calib import _run, _Stop, prune_sequential
+from ..calibrate import StopForward, run_batch
+from ..prune_calib import prune_sequential
 from ..prune_structured import transformer_layers
 
-__all__ = ["SETTINGS", "pruned_lm_path", "pruned_lm_inputs", "parse_target", "prune_lm", "heldout_perplexity",
-           "build_pruned_lm", "load_pruned_lm", "warm_pruned_lm"]
+__all__ = ["SETTINGS", "pruned_lm_path", "pruned_lm_inputs", "parse_target", "layer_inputs", "prune_lm",
+           "heldout_perplexity", "build_pruned_lm", "load_pruned_lm", "warm_pruned_lm"]
 
 SETTINGS = {"version": 1, "methods": ["magnitude", "wanda", "sparsegpt"], "targets": ["0.3", "0.5", "0.7", "2:4"],
             "n_calibration": 32, "blocksize": 128, "damp": 0.01, "eval_batch": 32}
@@ -71,19 +72,19 @@ def parse_target(target: str) -> dict:
                          f"1 <= N <= M such as '2:4', got {target!r}") from None
 
 
-def _layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The hidden states entering layer 0 for ``ids`` and the other keyword arguments the model passes it."""
     captured = {}
 
     def catch(module, args, kwargs):
         captured["hidden"] = args[0] if args else kwargs["hidden_states"]
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-        raise _Stop
+        raise StopForward
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         with torch.no_grad():
-            _run(model, {"input_ids": ids, "use_cache": False})  # stops at layer 0
+            run_batch(model, {"input_ids": ids, "use_cache": False})  # stops at layer 0
     finally:
         handle.remove()
     return captured["hidden"], {**captured["kwargs"], "use_cache": False}
@@ -111,7 +112,7 @@ def prune_lm(model: nn.Module, calibration_ids: torch.Tensor | None, method: str
             weight.mul_(keep.to(weight.dtype))
         return
     check_tensor("calibration_ids", calibration_ids, kind="int", ndim=2)
-    hidden, kwargs = _layer_inputs(model, layers, calibration_ids)
+    hidden, kwargs = layer_inputs(model, layers, calibration_ids)
     for layer in layers:
         prune_sequential(layer, [{"hidden_states": hidden, **kwargs}], method, **goal, blocksize=blocksize,
                          damp=damp)
