@@ -15,8 +15,8 @@ Four layers; a module imports only from its own layer or the ones above it in th
    schedule), :mod:`~lightlm.calibrate` (per-Linear input statistics, sequential calibration),
    :mod:`~lightlm.prune_calib` (Wanda, SparseGPT and the column walk they share with GPTQ),
    :mod:`~lightlm.prune_structured` (heads, neurons and layers of Hugging Face models), :mod:`~lightlm.quant`
-   (affine quantization), :mod:`~lightlm.quant_gptq` (GPTQ and round-to-nearest); to come: ``lowrank``,
-   ``adapters``.
+   (affine quantization), :mod:`~lightlm.quant_gptq` (GPTQ and round-to-nearest), :mod:`~lightlm.quant_formats`
+   (GGUF blocks, NF4, power-of-two and k-means code books); to come: ``lowrank``, ``adapters``.
 2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only), :mod:`~lightlm.bench`
    (timing, peak memory, the roofline's peak FLOP/s and bandwidth) and :mod:`~lightlm.stats` (standard errors,
    paired bootstrap, McNemar's test, retention).
@@ -43,7 +43,7 @@ from .train import seed_everything
 __version__ = "0.3.0"
 _SUBMODULES = ("artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "distill", "distill_trainer", "exercises",
                "llama", "llama_blocks", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
-               "prune_calib", "prune_structured", "quant", "quant_gptq", "stats", "train", "transformer", "widgets", "zoo")
+               "prune_calib", "prune_structured", "quant", "quant_formats", "quant_gptq", "stats", "train", "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]
@@ -64,7 +64,7 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     found = {"python": platform.python_version(), "lightlm": __version__}
-    for name in ("torch", "transformers", "datasets", "peft", "numpy", "matplotlib"):
+    for name in ("torch", "transformers", "datasets", "peft", "torchao", "numpy", "matplotlib"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -84,5 +84,16 @@ def setup(seed: int = 0, *, quiet: bool = False) -> None:
     Returns nothing, so that the setup cell shows only the printed line; see :func:`versions`.
     """
     seed_everything(seed)
+    _quiet_optional_imports()
     if not quiet:
         print(" | ".join(f"{name} {version}" for name, version in versions().items()) + f" | seed {seed}")
+
+
+def _quiet_optional_imports() -> None:
+    """Silence two harmless log lines that torchao (pinned for chapter 10) prints when transformers first imports
+    it: its CUDA extensions cannot load on a CPU-only machine, and torch deprecates a registration torchao makes.
+    Errors still show."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
