@@ -11,9 +11,8 @@ integer range, hence any bit width and ``reduce_range``. :func:`quantize`, :func
 :func:`fake_quantize` work per tensor, per channel (one (s, z) per slice along ``axis``) or per group (one per
 ``group_size`` consecutive values of the last dimension). :func:`fake_quantize` has the straight-through gradient
 of ``torch.fake_quantize_per_tensor_affine``: the identity where x was not clamped, zero where it was.
-:func:`pack_int4` stores two 4-bit values per byte. :func:`gguf_quantize` and :func:`gguf_dequantize` read and
-write the GGUF block formats Q8_0, Q4_0 and Q4_1 (llama.cpp's reference quantizer, byte for byte). Only torch is
-imported.
+:func:`pack_int4` stores two 4-bit values per byte. The non-uniform formats (GGUF blocks, NF4, code books) are in
+:mod:`lightlm.quant_formats`. Only torch is imported.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ import torch
 
 from ._checks import check_bool, check_int, check_tensor
 
-__all__ = ["int_range", "qparams", "observe", "quantize", "dequantize", "fake_quantize", "pack_int4", "unpack_int4",
-           "GGUF_KINDS", "gguf_quantize", "gguf_dequantize"]
+__all__ = ["int_range", "qparams", "observe", "quantize", "dequantize", "fake_quantize", "pack_int4", "unpack_int4"]
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -159,93 +157,3 @@ def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
     q = torch.stack([low, high], dim=-1).flatten(-2)
     return torch.where(q > 7, q - 16, q) if check_bool("signed", signed) else q
 
-
-# --------------------------------------------------------------------------- GGUF blocks (llama.cpp)
-
-GGUF_BLOCK = 32
-GGUF_KINDS = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}  # bytes per block of 32 weights
-
-
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf (ties away from zero), computed exactly: torch.round rounds ties to even."""
-    magnitude = x.abs()
-    whole = magnitude.floor()
-    return torch.sign(x) * (whole + (magnitude - whole >= 0.5).to(x.dtype))
-
-
-def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    return values.to(torch.float16).contiguous().view(torch.uint8)  # (n, 1) -> (n, 2), little-endian
-
-
-def _nibbles(q: torch.Tensor) -> torch.Tensor:
-    """32 codes in [0, 15] per block -> 16 bytes: byte j holds code j (low nibble) and code j + 16 (high)."""
-    q = q.to(torch.uint8)
-    return q[:, :16] | (q[:, 16:] << 4)
-
-
-def gguf_quantize(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """The raw GGUF blocks of a float weight (last dimension a multiple of 32): uint8, shape
-    ``(*weight.shape[:-1], weight.shape[-1] // 32 * GGUF_KINDS[kind])``, as ``gguf.quants.quantize`` returns them.
-
-    Per block of 32 weights x (all arithmetic in float32, scales stored as fp16):
-    Q8_0: d = max|x| / 127, q = roundf(x / d) as int8 (ties away from zero);
-    Q4_0: d = −m / 8 with m the weight of largest |x|, q = trunc(x / d + 8.5) clipped to [0, 15];
-    Q4_1: d = (max − min) / 15, q = trunc((x − min) / d + 0.5) clipped to [0, 15], min stored too.
-    Division is multiplication by 1/d (0 when d = 0), as in llama.cpp; a 4-bit block packs codes j and j + 16
-    into byte j.
-    """
-    weight = check_tensor("weight", weight, kind="float")
-    if kind not in GGUF_KINDS:
-        raise ValueError(f"unknown GGUF kind {kind!r}; known: {sorted(GGUF_KINDS)}")
-    if weight.ndim == 0 or weight.shape[-1] % GGUF_BLOCK:
-        raise ValueError(f"the last dimension must be a multiple of {GGUF_BLOCK} (GGUF blocks), got shape "
-                         f"{tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight must be finite (no NaN or inf) to be quantized")
-    x = weight.detach().to(torch.float32).reshape(-1, GGUF_BLOCK)
-    if kind == "Q8_0":
-        d = x.abs().amax(dim=1, keepdim=True) / 127
-    elif kind == "Q4_0":
-        extreme = x.gather(1, x.abs().argmax(dim=1, keepdim=True))  # signed: the first of largest magnitude
-        d = extreme / -8
-    else:
-        low = x.amin(dim=1, keepdim=True)
-        d = (x.amax(dim=1, keepdim=True) - low) / 15
-    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    if kind == "Q8_0":
-        codes = _round_half_away(x * inverse).to(torch.int8).view(torch.uint8)
-        blocks = torch.cat([_fp16_bytes(d), codes], dim=1)
-    elif kind == "Q4_0":
-        codes = (x * inverse + 8.5).trunc().clamp(0, 15)
-        blocks = torch.cat([_fp16_bytes(d), _nibbles(codes)], dim=1)
-    else:
-        codes = ((x - low) * inverse + 0.5).trunc().clamp(0, 15)
-        blocks = torch.cat([_fp16_bytes(d), _fp16_bytes(low), _nibbles(codes)], dim=1)
-    return blocks.reshape(*weight.shape[:-1], -1)
-
-
-def gguf_dequantize(blocks: torch.Tensor, kind: str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """The float32 weights of raw GGUF blocks (the inverse map of :func:`gguf_quantize`), reshaped to ``shape``."""
-    blocks = check_tensor("blocks", blocks)
-    if blocks.dtype != torch.uint8:
-        raise TypeError(f"blocks must be uint8 (raw bytes), got {blocks.dtype}")
-    if kind not in GGUF_KINDS:
-        raise ValueError(f"unknown GGUF kind {kind!r}; known: {sorted(GGUF_KINDS)}")
-    size = GGUF_KINDS[kind]
-    numel = 1
-    for n in shape:
-        numel *= check_int("shape entries", n, min=0)
-    if blocks.numel() != numel // GGUF_BLOCK * size or numel % GGUF_BLOCK:
-        raise ValueError(f"{blocks.numel()} bytes of {kind} blocks cannot hold a tensor of shape {tuple(shape)}")
-    rows = blocks.contiguous().reshape(-1, size)
-    d = rows[:, :2].contiguous().view(torch.float16).to(torch.float32)
-    if kind == "Q8_0":
-        values = rows[:, 2:].contiguous().view(torch.int8).to(torch.float32) * d
-    else:
-        packed = rows[:, -16:]
-        codes = torch.cat([packed & 0xF, packed >> 4], dim=1).to(torch.float32)
-        if kind == "Q4_0":
-            values = d * (codes - 8)
-        else:
-            values = d * codes + rows[:, 2:4].contiguous().view(torch.float16).to(torch.float32)
-    return values.reshape(tuple(shape))
