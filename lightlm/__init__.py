@@ -16,7 +16,9 @@ Four layers; a module imports only from its own layer or the ones above it in th
    :mod:`~lightlm.prune_calib` (Wanda, SparseGPT and the column walk they share with GPTQ),
    :mod:`~lightlm.prune_structured` (heads, neurons and layers of Hugging Face models), :mod:`~lightlm.quant`
    (affine quantization), :mod:`~lightlm.quant_gptq` (GPTQ and round-to-nearest), :mod:`~lightlm.quant_formats`
-   (GGUF blocks, NF4, power-of-two and k-means code books); to come: ``lowrank``, ``adapters``.
+   (GGUF blocks, NF4, power-of-two and k-means code books), :mod:`~lightlm.quant_linear` (``QuantLinear``: integer
+   storage, the int8 matmul, W8A8; ``quantize_model``), :mod:`~lightlm.quant_outliers` (LLM.int8(), SmoothQuant,
+   activation maxima); to come: ``lowrank``, ``adapters``.
 2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only), :mod:`~lightlm.bench`
    (timing, peak memory, the roofline's peak FLOP/s and bandwidth) and :mod:`~lightlm.stats` (standard errors,
    paired bootstrap, McNemar's test, retention).
@@ -41,9 +43,10 @@ import importlib
 from .train import seed_everything
 
 __version__ = "0.3.0"
-_SUBMODULES = ("artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "distill", "distill_trainer", "exercises",
-               "llama", "llama_blocks", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
-               "prune_calib", "prune_structured", "quant", "quant_formats", "quant_gptq", "stats", "train", "transformer", "widgets", "zoo")
+_SUBMODULES = ("artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "distill", "distill_trainer",
+               "exercises", "llama", "llama_blocks", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
+               "prune_calib", "prune_structured", "quant", "quant_formats", "quant_gptq", "quant_linear",
+               "quant_outliers", "stats", "train", "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]

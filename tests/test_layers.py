@@ -18,8 +18,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightlm"
 LAYERS: list[tuple[str, list[str]]] = [
     ("checks", ["_checks"]),
     ("techniques", ["attention", "llama_blocks", "llama", "transformer", "bpe", "objectives", "prompting", "optim",
-                    "distill", "distill_trainer", "train", "onpolicy", "prune", "calibrate", "prune_calib", "prune_structured", "quant", "quant_gptq",
-                    "quant_formats", "lowrank", "adapters"]),
+                    "distill", "distill_trainer", "train", "onpolicy", "prune", "calibrate", "prune_calib",
+                    "prune_structured", "quant", "quant_gptq", "quant_formats", "quant_linear", "quant_outliers",
+                    "lowrank", "adapters"]),
     ("measurement", ["cost", "bench", "stats"]),
     ("pins", ["_pins"]),
     ("cache", ["_cache"]),
