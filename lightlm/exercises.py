@@ -17,6 +17,7 @@ import torch
 from ._checks import check_callable
 from .prune import magnitude_mask, nm_mask
 from .prune_calib import wanda_mask
+from .quant import qparams, quantize
 
 __all__ = ["check", "names", "exercise"]
 
@@ -134,3 +135,44 @@ def _nm_mask(fn: Callable) -> None:
     ]
     for case, args in cases:
         _case("nm_mask", case, fn, args, nm_mask(*args))
+
+
+def _codes_case(exercise_name: str, case: str, fn: Callable, args: tuple, expected: torch.Tensor) -> None:
+    """Run ``fn(*args)`` on copies against integer codes (any integer or whole-valued float dtype)."""
+    copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    try:
+        got = fn(*copies)
+    except Exception as error:  # the reader's code: report which case broke it
+        raise AssertionError(f"{exercise_name}: case '{case}' raised {type(error).__name__}: {error}") from error
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        raise AssertionError(f"{exercise_name}: case '{case}': expected a tensor of shape {tuple(expected.shape)}, "
+                             f"got {getattr(got, 'shape', type(got).__name__)}")
+    if not torch.equal(got.to(torch.float64), expected.to(torch.float64)):
+        wrong = int((got.to(torch.float64) != expected.to(torch.float64)).sum())
+        raise AssertionError(f"{exercise_name}: case '{case}': {wrong} of {expected.numel()} codes differ;\n"
+                             f"expected {expected.flatten()[:12].tolist()}\ngot      {got.flatten()[:12].tolist()}")
+
+
+@exercise("affine_quantize")
+def _affine_quantize(fn: Callable) -> None:
+    """fn(x, bits) -> codes on [0, 2^b − 1], one scale and zero point per tensor, as MinMaxObserver chooses them."""
+    g = torch.Generator().manual_seed(7)
+
+    def uniform(n, low, high):
+        return torch.rand(n, generator=g) * (high - low) + low
+
+    from_zero = uniform(40, 0.0, 2.0)
+    from_zero[0] = 0.0
+    cases = [
+        ("round, not floor: values in [0, 2], 8 bits", (from_zero, 8)),
+        ("the range is widened to include 0: all values positive", (uniform(30, 0.5, 2.0), 4)),
+        ("an integer zero point: values in [-1, 3]", (uniform(40, -1.0, 3.0), 8)),
+        ("0 itself gets the code z, which decodes to exactly 0", (torch.tensor([-1.0, 0.0, 0.7, 3.0]), 4)),
+        ("the range is widened to include 0: all values negative", (uniform(30, -2.0, -0.5), 3)),
+        ("one scale for the whole 2-D tensor", (torch.randn(4, 9, generator=g), 4)),
+        ("2 bits: four levels", (torch.randn(25, generator=g), 2)),
+    ]
+    for case, (x, bits) in cases:
+        qmax = 2**bits - 1
+        scale, zero_point = qparams(x.min(), x.max(), 0, qmax)
+        _codes_case("affine_quantize", case, fn, (x, bits), quantize(x, scale, zero_point, 0, qmax))

@@ -230,3 +230,26 @@ def roofline(peak_flops: float, bandwidth: float, intensities: dict[str, float],
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     return ax
+
+
+def quant_tradeoff(curves: dict[str, Sequence[tuple[float, float]]], ax: Any = None):
+    """Quantization error against storage (chapter 10): one line per granularity, each point a bit width.
+
+    ``curves``: ``{label: [(bits per weight, relative error ‖W − Ŵ‖²/‖W‖²), ...]}``; log error axis.
+    """
+    if not isinstance(curves, dict) or not curves:
+        raise ValueError("curves must be a non-empty dict {label: [(bits per weight, error), ...]}")
+    ax = _axes(ax)
+    for label, points in curves.items():
+        if not points or any(len(point) != 2 for point in points):
+            raise ValueError(f"curves[{label!r}] must be a non-empty list of (bits per weight, error) pairs")
+        for bits, error in points:
+            check_real(f"bits per weight in curves[{label!r}]", bits, min=0, min_open=True)
+            check_real(f"error in curves[{label!r}]", error, min=0, min_open=True)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes + fp16 scale + zero point)")
+    ax.set_ylabel("relative error ‖W − Ŵ‖² / ‖W‖²")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return ax

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from . import cost
 from ._checks import check_real
 
-__all__ = ["memory_explorer", "temperature_explorer"]
+__all__ = ["memory_explorer", "temperature_explorer", "quant_explorer"]
 
 
 def memory_explorer(default_params: float = 7e9, default_dtype: str = "fp16",
@@ -107,3 +107,67 @@ def temperature_explorer(logits: Any, labels: Sequence[str], default_temperature
     slider.observe(update, names="value")
     update()
     return w.VBox([slider, bars])
+
+
+def _quant_point(weight: Any, bits: int, group: Any) -> tuple[float, float]:
+    """(bits per weight, relative error) of unsigned affine codes per row ("channel") or per group of a row."""
+    import torch
+
+    from . import quant
+
+    qmin, qmax = quant.int_range(bits, signed=False)
+    where = {"axis": 0} if group == "channel" else {"group_size": group}
+    scale, zero = quant.qparams(*quant.observe(weight, **where), qmin, qmax)
+    decoded = quant.fake_quantize(weight, scale, zero, qmin, qmax, **where)
+    error = float((weight - decoded).square().sum() / weight.square().sum())
+    per = weight.shape[1] if group == "channel" else group
+    return bits + (16 + bits) / per, error if error > 0 else float(torch.finfo(torch.float32).tiny)
+
+
+def quant_explorer(weight: Any, default_bits: int = 4, groups: Sequence[Any] = ("channel", 128, 64, 32)) -> Any:
+    """Two controls, bits (2–8) and granularity, -> the relative error ‖W − Ŵ‖²/‖W‖² of a weight matrix quantized
+    with unsigned affine codes and the bits per weight it takes with fp16 scales and b-bit zero points (chapter 10).
+
+    Args:
+        weight: a 2-D float tensor (out, in). groups: ``"channel"`` (one scale per row) and group sizes; those
+            that do not divide the row width are left out (never silently cut). default_bits: in [2, 8].
+
+    Returns an ``ipywidgets.VBox``; without ipywidgets, the static figure of every setting
+    (:func:`lightlm.plot.quant_tradeoff`).
+    """
+    from ._checks import check_int, check_tensor
+
+    weight = check_tensor("weight", weight, kind="float", ndim=2)
+    default_bits = check_int("default_bits", default_bits, min=2, max=8)
+    if not isinstance(groups, (tuple, list)) or not groups:
+        raise TypeError(f"groups must be a non-empty tuple or list of 'channel' and group sizes, got {groups!r}")
+    usable = []
+    for group in groups:
+        if group != "channel":
+            check_int("group size", group, min=1)
+        if group == "channel" or weight.shape[1] % group == 0:
+            usable.append(group)
+    if not usable:
+        raise ValueError(f"no group size in {tuple(groups)} divides the row width {weight.shape[1]}")
+    try:
+        import ipywidgets as w
+    except ImportError:
+        from . import plot
+
+        curves = {str(g): [_quant_point(weight, b, g) for b in range(2, 9)] for g in usable}
+        return plot.quant_tradeoff(curves).figure
+
+    bits = w.IntSlider(value=default_bits, min=2, max=8, description="bits")
+    group = w.ToggleButtons(options=[("per channel" if g == "channel" else f"groups of {g}", g) for g in usable],
+                            value=usable[0], description="scales")
+    result = w.HTML()
+
+    def update(_=None) -> None:
+        per_weight, error = _quant_point(weight, bits.value, group.value)
+        result.value = (f"<b>{per_weight:.3f} bits per weight</b> ({per_weight / 32:.1%} of fp32) &nbsp;·&nbsp; "
+                        f"relative error ‖W − Ŵ‖²/‖W‖² = {error:.2e}")
+
+    bits.observe(update, names="value")
+    group.observe(update, names="value")
+    update()
+    return w.VBox([bits, group, result])

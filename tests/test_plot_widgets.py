@@ -194,3 +194,62 @@ def test_source_refuses_what_has_no_source():
         plot.source()
     with pytest.raises(TypeError, match="functions, methods and classes"):
         plot.source("table")
+
+
+def _weight():
+    import torch
+
+    return torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+
+
+def test_quant_explorer_recomputes_and_matches_torchs_fake_quantize():
+    """The error shown equals the one computed with torch's per-channel observer and fake-quantize kernel."""
+    import torch
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    weight = _weight()
+    box = widgets.quant_explorer(weight, default_bits=4, groups=("channel", 32, 128))
+    bits, group, result = box.children
+    assert [value for _, value in group.options] == ["channel", 32]  # 128 does not divide 96: left out
+    observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.quint8, quant_min=0, quant_max=15)
+    observer(weight)
+    scale, zero = observer.calculate_qparams()
+    decoded = torch.fake_quantize_per_channel_affine(weight, scale.float(), zero.int(), 0, 0, 15)
+    error = float((weight - decoded).square().sum() / weight.square().sum())
+    assert f"{error:.2e}" in result.value and f"{4 + 20 / 96:.3f} bits per weight" in result.value
+    before = result.value
+    bits.value = 8
+    assert result.value != before and f"{8 + 24 / 96:.3f} bits" in result.value
+    group.value = 32
+    assert f"{8 + 24 / 32:.3f} bits" in result.value
+
+
+def test_quant_explorer_falls_back_to_the_static_tradeoff(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    figure = widgets.quant_explorer(_weight(), groups=("channel", 32))
+    lines = figure.axes[0].get_lines()
+    assert len(lines) == 2 and all(len(line.get_xdata()) == 7 for line in lines)  # 2..8 bits
+    errors = lines[0].get_ydata()
+    assert all(b < a for a, b in zip(errors, errors[1:]))  # one more bit, less error
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"weight": [[1.0, 2.0]]}, TypeError, "weight must be"),
+    ({"default_bits": 1}, ValueError, r"default_bits must be in \[2, 8\]"),
+    ({"groups": "channel"}, TypeError, "groups must be a non-empty tuple or list"),
+    ({"groups": (100,)}, ValueError, "no group size in"),
+    ({"groups": (0,)}, ValueError, "group size must be >= 1"),
+])
+def test_quant_explorer_rejects_bad_input(kwargs, error, message):
+    kwargs = {"weight": _weight(), **kwargs}
+    with pytest.raises(error, match=message):
+        widgets.quant_explorer(**kwargs)
+
+
+def test_quant_tradeoff_rejects_bad_curves():
+    with pytest.raises(ValueError, match="non-empty dict"):
+        plot.quant_tradeoff({})
+    with pytest.raises(ValueError, match="pairs"):
+        plot.quant_tradeoff({"per channel": [(4.0,)]})
+    with pytest.raises(ValueError, match="error in curves"):
+        plot.quant_tradeoff({"per channel": [(4.0, 0.0)]})
