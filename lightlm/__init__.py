@@ -18,7 +18,8 @@ Four layers; a module imports only from its own layer or the ones above it in th
    (affine quantization), :mod:`~lightlm.quant_gptq` (GPTQ and round-to-nearest), :mod:`~lightlm.quant_formats`
    (GGUF blocks, NF4, power-of-two and k-means code books), :mod:`~lightlm.quant_linear` (``QuantLinear``: integer
    storage, the int8 matmul, W8A8; ``quantize_model``), :mod:`~lightlm.quant_outliers` (LLM.int8(), SmoothQuant,
-   activation maxima); to come: ``lowrank``, ``adapters``.
+   activation maxima), :mod:`~lightlm.lowrank` (truncated-SVD and activation-aware factorization),
+   :mod:`~lightlm.reparam` (norm and residual-scale folds, fused and merged Linears); to come: ``adapters``.
 2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only), :mod:`~lightlm.bench`
    (timing, peak memory, the roofline's peak FLOP/s and bandwidth) and :mod:`~lightlm.stats` (standard errors,
    paired bootstrap, McNemar's test, retention).
@@ -44,9 +45,9 @@ from .train import seed_everything
 
 __version__ = "0.3.0"
 _SUBMODULES = ("artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "distill", "distill_trainer",
-               "exercises", "llama", "llama_blocks", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
-               "prune_calib", "prune_structured", "quant", "quant_formats", "quant_gptq", "quant_linear",
-               "quant_outliers", "stats", "train", "transformer", "widgets", "zoo")
+               "exercises", "llama", "llama_blocks", "lowrank", "objectives", "onpolicy", "optim", "plot", "prompting",
+               "prune", "prune_calib", "prune_structured", "quant", "quant_formats", "quant_gptq", "quant_linear",
+               "quant_outliers", "reparam", "stats", "train", "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]

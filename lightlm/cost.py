@@ -102,11 +102,13 @@ def _optional(config: Any, name: str) -> Any:
 def param_count_from_config(config: Any) -> int:
     """Parameters of a Hugging Face base model computed from its configuration alone (chapter 1).
 
-    Supported ``model_type``: ``bert`` (``BertModel`` with its pooler), ``distilbert`` (``DistilBertModel``),
-    ``gpt2`` (``GPT2Model``; the LM head is tied to the token embedding) and ``llama``
-    (``LlamaForCausalLM``, with a separate LM head unless ``tie_word_embeddings``, and the biases that
-    ``attention_bias`` and ``mlp_bias`` add). Reproduces the published counts: BERT-base 109,482,240;
-    DistilBERT 66,362,880; GPT-2 small 124,439,808; SmolLM2-135M 134,515,008.
+    Supported ``model_type``: ``bert`` (``BertModel`` with its pooler), ``albert`` (``AlbertModel`` with its
+    pooler: V×E embedding tables, an E×H projection, ``num_hidden_groups × inner_group_num`` stored layers however
+    deep the model runs), ``distilbert`` (``DistilBertModel``), ``gpt2`` (``GPT2Model``; the LM head is tied to
+    the token embedding) and ``llama`` (``LlamaForCausalLM``, with a separate LM head unless
+    ``tie_word_embeddings``, and the biases that ``attention_bias`` and ``mlp_bias`` add). Reproduces the
+    published counts: BERT-base 109,482,240; ALBERT-base 11,683,584; DistilBERT 66,362,880; GPT-2 small
+    124,439,808; SmolLM2-135M 134,515,008.
 
     Args:
         config: a ``transformers`` config object or a dict with the same fields.
@@ -114,17 +116,18 @@ def param_count_from_config(config: Any) -> int:
     if not isinstance(config, dict) and not hasattr(config, "model_type"):
         raise TypeError(f"config must be a transformers config or a dict, got {type(config).__name__}")
     kind = _get(config, "model_type")
-    if kind == "bert":
-        d, layers, ffn = (_get(config, name) for name in ("hidden_size", "num_hidden_layers", "intermediate_size"))
-        tables = _get(config, "vocab_size") + _get(config, "max_position_embeddings") + _get(config, "type_vocab_size")
-        embeddings = tables * d + 2 * d  # token, position and token-type tables, then a LayerNorm
+    if kind in ("bert", "albert", "distilbert"):  # post-norm encoders; ALBERT: E-wide tables, E×H, shared groups
+        bert = kind != "distilbert"  # DistilBERT: no token types, no pooler
+        d, layers, ffn = (_get(config, *names) for names in (("hidden_size", "dim"), ("num_hidden_layers", "n_layers"),
+                                                             ("intermediate_size", "hidden_dim")))
+        e = _get(config, "embedding_size") if kind == "albert" else d
+        tables = _get(config, "vocab_size") + _get(config, "max_position_embeddings")
+        tables += _get(config, "type_vocab_size") if bert else 0
+        embeddings = tables * e + 2 * e + ((e * d + d) if kind == "albert" else 0)  # tables, LayerNorm, (E×H)
+        if kind == "albert":  # layer i runs group ⌊i·groups/layers⌋: only groups × inner layers are stored
+            layers = (_optional(config, "num_hidden_groups") or 1) * (_optional(config, "inner_group_num") or 1)
         layer = 4 * (d * d + d) + 2 * d + (d * ffn + ffn) + (ffn * d + d) + 2 * d  # attention, LN, FFN, LN
-        return embeddings + layers * layer + (d * d + d)  # + pooler
-    if kind == "distilbert":
-        d, layers, ffn = _get(config, "dim"), _get(config, "n_layers"), _get(config, "hidden_dim")
-        embeddings = (_get(config, "vocab_size") + _get(config, "max_position_embeddings")) * d + 2 * d
-        layer = 4 * (d * d + d) + 2 * d + (d * ffn + ffn) + (ffn * d + d) + 2 * d
-        return embeddings + layers * layer
+        return embeddings + layers * layer + ((d * d + d) if bert else 0)  # + pooler
     if kind == "gpt2":
         d, layers = _get(config, "n_embd"), _get(config, "n_layer")
         ffn = _optional(config, "n_inner") or 4 * d
@@ -144,7 +147,7 @@ def param_count_from_config(config: Any) -> int:
         layer = attention + mlp + 2 * d  # two RMSNorms
         tied = _optional(config, "tie_word_embeddings")
         return vocab * d + layers * layer + d + (0 if tied else vocab * d)
-    raise ValueError(f"model_type {kind!r} is not supported; supported: bert, distilbert, gpt2, llama")
+    raise ValueError(f"model_type {kind!r} is not supported; supported: bert, distilbert, gpt2, llama, albert")
 
 
 def lora_param_count(d_in: int, d_out: int, r: int, n_matrices: int = 1) -> int:

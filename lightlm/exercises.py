@@ -176,3 +176,26 @@ def _affine_quantize(fn: Callable) -> None:
         qmax = 2**bits - 1
         scale, zero_point = qparams(x.min(), x.max(), 0, qmax)
         _codes_case("affine_quantize", case, fn, (x, bits), quantize(x, scale, zero_point, 0, qmax))
+
+
+@exercise("rank_for_energy")
+def _rank_for_energy(fn: Callable) -> None:
+    """fn(singular_values, energy) -> the smallest rank r with Σ_{i≤r} σ_i² ≥ energy · Σ σ_i² (an int)."""
+    from .lowrank import rank_for_energy
+
+    cases = [
+        ("a rank counts values, starting at 1", (torch.tensor([4.0, 1.0, 1.0, 1.0]), 0.5)),
+        ("energy counts squared singular values, not σ", (torch.tensor([3.0, 2.0, 1.0, 1.0]), 0.8)),
+        ("exactly on the boundary, ≥: σ₁² = 4 is 0.25 of 16", (torch.tensor([2.0] + [1.0] * 12), 0.25)),
+        ("energy 1 keeps every non-zero value, not the zeros", (torch.tensor([2.0, 1.0, 0.0, 0.0]), 1.0)),
+        ("singular values of a real matrix", (torch.linalg.svdvals(_tie_free(12, 8, seed=9)), 0.9)),
+    ]
+    for case, args in cases:
+        expected = rank_for_energy(*args)
+        try:
+            got = fn(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        except Exception as error:  # the reader's code: report which case broke it
+            raise AssertionError(f"rank_for_energy: case '{case}' raised {type(error).__name__}: {error}") from error
+        got = int(got.item()) if isinstance(got, torch.Tensor) and got.numel() == 1 else got
+        if isinstance(got, bool) or not isinstance(got, int) or got != expected:
+            raise AssertionError(f"rank_for_energy: case '{case}': expected rank {expected}, got {got!r}")
