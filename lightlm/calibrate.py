@@ -33,17 +33,18 @@ def run_batch(model: nn.Module, batch) -> None:
         pass
 
 
-def check_calibration(calibration) -> list:
-    """A non-empty list of batches, each a tensor or a dict of model inputs (one batch is wrapped in a list)."""
+def check_calibration(calibration, name: str = "calibration") -> list:
+    """A non-empty list of batches, each a tensor or a dict of model inputs (one batch is wrapped in a list);
+    ``name`` is the argument's name in the error messages."""
     if isinstance(calibration, (torch.Tensor, dict)):
         calibration = [calibration]
     if not isinstance(calibration, Sequence) or not calibration:
-        raise TypeError("calibration must be a non-empty list of batches (tensors or dicts of model inputs), "
+        raise TypeError(f"{name} must be a non-empty list of batches (tensors or dicts of model inputs), "
                         f"got {type(calibration).__name__}")
     for batch in calibration:
         if not isinstance(batch, (torch.Tensor, dict)):
-            raise TypeError(f"each calibration batch must be a tensor or a dict of model inputs, got "
-                            f"{type(batch).__name__}")
+            raise TypeError(f"each {'calibration batch' if name == 'calibration' else 'batch'} must be a tensor or "
+                            f"a dict of model inputs, got {type(batch).__name__}")
     return list(calibration)
 
 

@@ -52,13 +52,19 @@ def check(name: str, fn: Callable) -> None:
     _CHECKERS[name](fn)
 
 
-def _case(exercise_name: str, case: str, fn: Callable, args: tuple, expected: torch.Tensor) -> None:
-    """Run ``fn(*args)`` (on copies, so a reader's in-place edit cannot spoil later cases) against a keep-mask."""
+def _call(exercise_name: str, case: str, fn: Callable, args: tuple):
+    """``fn(*args)`` on copies of the tensors, so a reader's in-place edit cannot spoil later cases; an exception
+    becomes an AssertionError naming the case. Returns the result and the copies."""
     copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
     try:
-        got = fn(*copies)
+        return fn(*copies), copies
     except Exception as error:  # the reader's code: report which case broke it
         raise AssertionError(f"{exercise_name}: case '{case}' raised {type(error).__name__}: {error}") from error
+
+
+def _case(exercise_name: str, case: str, fn: Callable, args: tuple, expected: torch.Tensor) -> None:
+    """Run ``fn(*args)`` (on copies, so a reader's in-place edit cannot spoil later cases) against a keep-mask."""
+    got, copies = _call(exercise_name, case, fn, args)
     for a, c in zip(args, copies):
         if isinstance(a, torch.Tensor) and not torch.equal(a, c):
             raise AssertionError(f"{exercise_name}: case '{case}': the function modified its input tensor")
@@ -139,11 +145,7 @@ def _nm_mask(fn: Callable) -> None:
 
 def _codes_case(exercise_name: str, case: str, fn: Callable, args: tuple, expected: torch.Tensor) -> None:
     """Run ``fn(*args)`` on copies against integer codes (any integer or whole-valued float dtype)."""
-    copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-    try:
-        got = fn(*copies)
-    except Exception as error:  # the reader's code: report which case broke it
-        raise AssertionError(f"{exercise_name}: case '{case}' raised {type(error).__name__}: {error}") from error
+    got, _ = _call(exercise_name, case, fn, args)
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         raise AssertionError(f"{exercise_name}: case '{case}': expected a tensor of shape {tuple(expected.shape)}, "
                              f"got {getattr(got, 'shape', type(got).__name__)}")
@@ -192,10 +194,7 @@ def _rank_for_energy(fn: Callable) -> None:
     ]
     for case, args in cases:
         expected = rank_for_energy(*args)
-        try:
-            got = fn(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
-        except Exception as error:  # the reader's code: report which case broke it
-            raise AssertionError(f"rank_for_energy: case '{case}' raised {type(error).__name__}: {error}") from error
+        got, _ = _call("rank_for_energy", case, fn, args)
         got = int(got.item()) if isinstance(got, torch.Tensor) and got.numel() == 1 else got
         if isinstance(got, bool) or not isinstance(got, int) or got != expected:
             raise AssertionError(f"rank_for_energy: case '{case}': expected rank {expected}, got {got!r}")

@@ -22,13 +22,13 @@ Linears' input columns, so the smoothed model computes the same function with fl
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from ._checks import check_module, check_real, check_tensor
-from .calibrate import run_batch
+from .calibrate import check_calibration, run_batch
 from .quant_linear import int8_matmul, quantize_per_row
 
 __all__ = ["llm_int8_matmul", "weight_absmax", "smooth_scales", "smoothquant_fold", "activation_absmax"]
@@ -143,18 +143,6 @@ def smoothquant_fold(norm: nn.Module, linears: Iterable[nn.Linear], scales: torc
         linear.weight.mul_(scales.to(linear.weight))                  # W_ij · s_j: (X/s)(W diag s)ᵀ = X Wᵀ
 
 
-def _batches(batches) -> list:
-    if isinstance(batches, (torch.Tensor, dict)):
-        batches = [batches]
-    if not isinstance(batches, Sequence) or not batches:
-        raise TypeError(f"batches must be a non-empty list of batches (tensors or dicts of model inputs), got "
-                        f"{type(batches).__name__}")
-    for batch in batches:
-        if not isinstance(batch, (torch.Tensor, dict)):
-            raise TypeError(f"each batch must be a tensor or a dict of model inputs, got {type(batch).__name__}")
-    return list(batches)
-
-
 @torch.no_grad()
 def activation_absmax(model: nn.Module, batches, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """max_t |X_tj| per input column j of the named modules' inputs, over all tokens of all ``batches`` (tensors
@@ -184,7 +172,7 @@ def activation_absmax(model: nn.Module, batches, names: Iterable[str] | None = N
     handles = [modules[name].register_forward_pre_hook(lambda module, args, name=name: record(name, args))
                for name in names]
     try:
-        for batch in _batches(batches):
+        for batch in check_calibration(batches, "batches"):
             run_batch(model, batch)
     finally:
         for handle in handles:

@@ -28,6 +28,21 @@ else:
                                           print_blob=True)
 
 
+def seeded_randn(*shape, seed=0, dtype=torch.float64):
+    """A reproducible standard-normal tensor (its own generator), float64 by default."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def seeded_linear(d_in, d_out, seed=0, bias=True, dtype=torch.float64):
+    """An nn.Linear with reproducible weights (and bias) from :func:`seeded_randn`."""
+    layer = torch.nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(seeded_randn(d_out, d_in, seed=seed))  # drawn in float64, then cast
+        if bias:
+            layer.bias.copy_(seeded_randn(d_out, seed=seed + 1))
+    return layer
+
+
 def require_warm(folder, inputs) -> None:
     """Tests read the cached artefacts but never build them into the user's cache (those that build use a
     temporary LIGHTLM_CACHE): a cold or stale artefact skips the test, saying how to build it, or fails it where

@@ -11,20 +11,12 @@ from torch import nn
 
 from lightlm import reparam
 
+from conftest import seeded_linear, seeded_randn
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
-def _randn(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def _linear(d_in, d_out, seed=0, bias=True, dtype=torch.float64):
-    layer = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
-    with torch.no_grad():
-        layer.weight.copy_(_randn(d_out, d_in, seed=seed))
-        if bias:
-            layer.bias.copy_(_randn(d_out, seed=seed + 1))
-    return layer
+_randn, _linear = seeded_randn, seeded_linear
 
 
 def _double(value):
