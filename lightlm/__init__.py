@@ -19,7 +19,11 @@ Four layers; a module imports only from its own layer or the ones above it in th
    (GGUF blocks, NF4, power-of-two and k-means code books), :mod:`~lightlm.quant_linear` (``QuantLinear``: integer
    storage, the int8 matmul, W8A8; ``quantize_model``), :mod:`~lightlm.quant_outliers` (LLM.int8(), SmoothQuant,
    activation maxima), :mod:`~lightlm.lowrank` (truncated-SVD and activation-aware factorization),
-   :mod:`~lightlm.reparam` (norm and residual-scale folds, fused and merged Linears); to come: ``adapters``.
+   :mod:`~lightlm.reparam` (norm and residual-scale folds, fused and merged Linears), :mod:`~lightlm.adapters`
+   (Houlsby adapters, BitFit, freezing, trainable counts), :mod:`~lightlm.qlora` (``NF4Linear``: a frozen NF4
+   base for LoRA, ``quantize_nf4``, the rounding a merge costs), :mod:`~lightlm.lora` (``LoRALinear``,
+   ``add_lora``, merging and removing LoRA, as PEFT does) and :mod:`~lightlm.lora_io` (adapters saved and loaded
+   in PEFT's format).
 2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only), :mod:`~lightlm.bench`
    (timing, peak memory, the roofline's peak FLOP/s and bandwidth) and :mod:`~lightlm.stats` (standard errors,
    paired bootstrap, McNemar's test, retention).
@@ -44,10 +48,11 @@ import importlib
 from .train import seed_everything
 
 __version__ = "0.3.0"
-_SUBMODULES = ("artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "distill", "distill_trainer",
-               "exercises", "llama", "llama_blocks", "lowrank", "objectives", "onpolicy", "optim", "plot", "prompting",
-               "prune", "prune_calib", "prune_structured", "quant", "quant_formats", "quant_gptq", "quant_linear",
-               "quant_outliers", "reparam", "stats", "train", "transformer", "widgets", "zoo")
+_SUBMODULES = ("adapters", "artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "distill",
+               "distill_trainer", "exercises", "llama", "llama_blocks", "lora", "lora_io", "lowrank", "objectives",
+               "onpolicy", "optim", "plot", "prompting", "prune", "prune_calib", "prune_structured", "qlora", "quant",
+               "quant_formats", "quant_gptq", "quant_linear", "quant_outliers", "reparam", "stats", "train",
+               "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._checks import check_bool, check_int, check_module, check_real
+from .lora import lora_param_count  # lives with LoRA now; kept here as cost.lora_param_count
 
 __all__ = ["count_parameters", "parameter_report", "parameter_groups", "param_count_from_config",
            "lora_param_count", "BYTES_PER_PARAM", "bytes_per_param", "model_size_bytes", "weight_memory",
@@ -148,15 +149,6 @@ def param_count_from_config(config: Any) -> int:
         tied = _optional(config, "tie_word_embeddings")
         return vocab * d + layers * layer + d + (0 if tied else vocab * d)
     raise ValueError(f"model_type {kind!r} is not supported; supported: bert, distilbert, gpt2, llama, albert")
-
-
-def lora_param_count(d_in: int, d_out: int, r: int, n_matrices: int = 1) -> int:
-    """Trainable parameters LoRA adds: ``n_matrices · r · (d_in + d_out)`` (A is r×d_in, B is d_out×r)."""
-    for name, value in (("d_in", d_in), ("d_out", d_out), ("r", r), ("n_matrices", n_matrices)):
-        check_int(name, value, min=1)
-    if r > min(d_in, d_out):
-        raise ValueError(f"rank r={r} exceeds min(d_in, d_out)={min(d_in, d_out)}: the update would not be low-rank")
-    return n_matrices * r * (d_in + d_out)
 
 
 # --------------------------------------------------------------------------- bytes and memory

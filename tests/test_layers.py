@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("techniques", ["attention", "llama_blocks", "llama", "transformer", "bpe", "objectives", "prompting", "optim",
                     "distill", "distill_trainer", "train", "onpolicy", "prune", "calibrate", "prune_calib",
                     "prune_structured", "quant", "quant_gptq", "quant_formats", "quant_linear", "quant_outliers",
-                    "lowrank", "reparam", "adapters"]),
+                    "lowrank", "reparam", "adapters", "qlora", "lora", "lora_io"]),
     ("measurement", ["cost", "bench", "stats"]),
     ("pins", ["_pins"]),
     ("cache", ["_cache"]),
