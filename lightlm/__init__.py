@@ -100,9 +100,12 @@ def setup(seed: int = 0, *, quiet: bool = False) -> None:
 
 def _quiet_optional_imports() -> None:
     """Silence two harmless log lines that torchao (pinned for chapter 10) prints when transformers first imports
-    it: its CUDA extensions cannot load on a CPU-only machine, and torch deprecates a registration torchao makes.
-    Errors still show."""
+    it: its CUDA extensions cannot load on a CPU-only machine, and torch deprecates a registration torchao makes;
+    and the FutureWarning PEFT 0.21 triggers inside transformers (``is_gradient_checkpointing`` renamed) each
+    time it wraps a model (chapter 12). Errors, and every other warning, still show."""
     import logging
+    import warnings
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -198,3 +198,37 @@ def _rank_for_energy(fn: Callable) -> None:
         got = int(got.item()) if isinstance(got, torch.Tensor) and got.numel() == 1 else got
         if isinstance(got, bool) or not isinstance(got, int) or got != expected:
             raise AssertionError(f"rank_for_energy: case '{case}': expected rank {expected}, got {got!r}")
+
+
+@exercise("lora_forward")
+def _lora_forward(fn: Callable) -> None:
+    """fn(x, weight, bias, lora_A, lora_B, scaling) -> x W₀ᵀ + b + scaling · (x Aᵀ) Bᵀ (LoRA's forward, eq. lora).
+
+    The reference is the merged layer, F.linear(x, W₀ + scaling · B A, b): another route to the same numbers."""
+    g = torch.Generator().manual_seed(12)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    d_in, d_out, r = 6, 5, 2
+    weight, bias, a, b = randn(d_out, d_in), randn(d_out), randn(r, d_in), randn(d_out, r)
+    cases = [
+        ("a batch of sequences (2, 3, d_in)", (randn(2, 3, d_in), weight, bias, a, b, 1.0)),
+        ("the update is scaled by alpha / r", (randn(4, d_in), weight, bias, a, b, 0.25)),
+        ("no bias (None)", (randn(4, d_in), weight, None, a, b, 2.0)),
+        ("B = 0 at initialisation: the base layer's output", (randn(4, d_in), weight, bias, a, 0 * b, 2.0)),
+        ("rank 1, a wide layer", (randn(3, 8), randn(12, 8), randn(12), randn(1, 8), randn(12, 1), 16.0)),
+    ]
+    for case, args in cases:
+        x, w, bias_, a_, b_, scaling = args
+        expected = torch.nn.functional.linear(x, w + scaling * b_ @ a_, bias_)
+        got, copies = _call("lora_forward", case, fn, args)
+        if any(isinstance(t, torch.Tensor) and not torch.equal(t, c) for t, c in zip(args, copies)):
+            raise AssertionError(f"lora_forward: case '{case}': the function modified its input tensor")
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise AssertionError(f"lora_forward: case '{case}': expected a tensor of shape {tuple(expected.shape)}, "
+                                 f"got {shape}")
+        if not torch.allclose(got.double(), expected, rtol=1e-9, atol=1e-9):
+            raise AssertionError(f"lora_forward: case '{case}': largest difference from x W₀ᵀ + b + s (x Aᵀ) Bᵀ is "
+                                 f"{(got.double() - expected).abs().max().item():.3g}")

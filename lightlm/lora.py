@@ -9,17 +9,16 @@ keeps the update's size steady as r grows. Only A and B train: r · (d_in + d_ou
 of d_in · d_out (r = 8 on a 384 × 384 projection: 6,144 instead of 147,456).
 
 **The initialisation** is PEFT's: A ~ kaiming_uniform(a = √5), uniform on [−1/√d_in, 1/√d_in] (gain · √(3/fan_in)
-with gain = √(2 / (1 + a²)) = 1/√3), and B = 0. Then BA = 0 exactly: at step 0 the wrapped model computes the base
-model's function, yet the gradient flows, into B first (∂L/∂B = s · g (A x)ᵀ, while ∂L/∂A = s · Bᵀ g xᵀ = 0).
+with gain = √(2 / (1 + a²)) = 1/√3), and B = 0. Then BA = 0: at step 0 the wrapped model is the base model, yet
+the gradient flows, into B first (∂L/∂B = s · g (A x)ᵀ, while ∂L/∂A = s · Bᵀ g xᵀ = 0).
 
-**Merging.** After training W = W₀ + s · B A is one ordinary weight: no extra matmul at inference. ``merge`` adds the
-update in place, ``unmerge`` subtracts it: W₀ comes back exactly up to floating-point rounding. A quantized base
-(``dequantized_weight()``/``set_weight(w)``, e.g. ``lightlm.qlora.NF4Linear``) merges by re-quantizing W₀ + s·BA,
-which rounds: that cannot be undone.
+**Merging.** After training W = W₀ + s · B A is one ordinary weight: no extra matmul at inference. ``merge`` adds
+the update in place, ``unmerge`` subtracts it (W₀ back up to rounding). A quantized base (``dequantized_weight()``/
+``set_weight(w)``, e.g. ``lightlm.qlora.NF4Linear``) merges by re-quantizing W₀ + s·BA: it rounds, irreversibly.
 
 Layout and dtypes follow PEFT 0.21.2, so adapters move between the two (:mod:`lightlm.lora_io`): a GPT-2 ``Conv1D``
-stores its weight (d_in, d_out) (PEFT's ``fan_in_fan_out``); A and B take the base's float dtype, fp16/bf16 upcast
-to fp32 (PEFT's ``autocast_adapter_dtype``); the LoRA path casts x to their dtype and the sum to the base output's.
+stores its weight (d_in, d_out) (``fan_in_fan_out``); A and B take the base's float dtype, fp16/bf16 upcast to fp32
+(``autocast_adapter_dtype``); the LoRA path casts x to their dtype and the sum to the base output's.
 """
 
 from __future__ import annotations
@@ -203,7 +202,8 @@ def add_lora(model: nn.Module, target_modules: str | Sequence[str], r: int = 8, 
     same matching rule; never LoRA-wrapped, as in PEFT) train in full. The settings are recorded on the model.
 
     Returns ``{"wrapped": [names], "trainable": int, "total": int}``, counted as PEFT's
-    ``get_nb_trainable_parameters()``: PEFT keeps a frozen copy of each module to save, so those count twice.
+    ``get_nb_trainable_parameters()``: PEFT keeps a frozen copy of each module to save, so those count twice, and
+    a 4-bit base (a module with a ``codes`` buffer) counts its in·out weights, as PEFT counts bitsandbytes' own.
     """
     check_module("model", model)
     targets = _targets("target_modules", target_modules)
@@ -238,9 +238,9 @@ def add_lora(model: nn.Module, target_modules: str | Sequence[str], r: int = 8, 
                            "dropout": float(dropout), "modules_to_save": saves, "saved_modules": saved,
                            "fan_in_fan_out": any(_is_conv1d(module) for _, module in chosen)}
     copies = sum(p.numel() for name in saved for p in model.get_submodule(name).parameters())
-    return {"wrapped": [name for name, _ in chosen],
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters()) + copies}
+    packed = sum(m.in_features * m.out_features for m in model.modules() if "codes" in m._buffers)  # 4-bit bases
+    return {"wrapped": [name for name, _ in chosen], "trainable": sum(p.numel() * p.requires_grad for p in
+            model.parameters()), "total": sum(p.numel() for p in model.parameters()) + copies + packed}
 
 
 def lora_settings(model: nn.Module) -> dict:

@@ -67,3 +67,17 @@ def test_setup_quiets_torchaos_import_noise_but_not_errors():
     assert done.returncode == 0, done.stderr
     assert "Failed to load" not in done.stderr and "_pytree" not in done.stderr
     assert "an error still shows" in done.stderr
+
+
+def test_setup_hides_pefts_gradient_checkpointing_future_warning_only():
+    """PEFT 0.21 calls a transformers method that warns of its renaming each time it wraps a model; after
+    lightlm.setup() chapter 12's outputs do not carry it, and any other FutureWarning still shows."""
+    import subprocess
+    import sys
+
+    script = ("import warnings, lightlm; lightlm.setup(quiet=True); "
+              "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed', FutureWarning); "
+              "warnings.warn('another deprecation', FutureWarning)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "is_gradient_checkpointing" not in done.stderr and "another deprecation" in done.stderr

