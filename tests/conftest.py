@@ -43,6 +43,28 @@ def seeded_linear(d_in, d_out, seed=0, bias=True, dtype=torch.float64):
     return layer
 
 
+def tiny_hf(kind: str):
+    """A tiny random transformers model (no download) in eval mode, seeded: ``"bert"`` (sequence classification,
+    width 32, 2 layers, 4 heads, FFN 64, vocabulary 100), ``"llama"`` (causal LM, width 32, 2 layers, 4 heads and
+    2 KV heads, FFN 64, vocabulary 100) or ``"gpt2"`` (GPT-2's Conv1D layers, width 32, 2 layers)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, vocab_size=100)
+        return transformers.BertForSequenceClassification(config).eval()
+    if kind == "llama":
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+        return transformers.LlamaForCausalLM(config).eval()
+    if kind != "gpt2":
+        raise ValueError(f"kind must be 'bert', 'llama' or 'gpt2', got {kind!r}")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 def require_warm(folder, inputs) -> None:
     """Tests read the cached artefacts but never build them into the user's cache (those that build use a
     temporary LIGHTLM_CACHE): a cold or stale artefact skips the test, saying how to build it, or fails it where

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_hf
 
 from lightlm import adapters, artefacts, lora, lora_io, qlora
 from lightlm.artefacts import lora_lm, rt_adapters
@@ -15,12 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=100, num_labels=2)
-    return BertForSequenceClassification(config)
+    return tiny_hf("bert")
 
 
 @pytest.mark.parametrize("method", list(rt_adapters.METHODS))
@@ -70,12 +66,7 @@ def test_one_run_of_the_recipe_keeps_frozen_weights_and_stores_what_it_trained(t
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    return tiny_hf("llama")
 
 
 def test_the_answer_loss_is_the_language_models_cross_entropy_at_the_answer_token():

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import tiny_hf
 from lightlm.adapters import (Adapter, AdaptedOutput, add_adapters, bitfit, freeze_except, trainable_parameters,
                               trainable_report, trainable_state_dict)
 
@@ -23,21 +24,11 @@ TORCH_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}
 
 
 def _tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
-                        intermediate_size=INTERMEDIATE, max_position_embeddings=32)
-    return BertForSequenceClassification(config).eval()
+    return tiny_hf("bert")
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(config).eval()
+    return tiny_hf("llama")
 
 
 def _logits(model, ids=IDS):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_hf
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -23,19 +24,7 @@ peft = pytest.importorskip("peft")
 
 
 def _tiny(kind: str) -> nn.Module:
-    """A tiny random transformers model (no download), in eval mode."""
-    torch.manual_seed(0)
-    if kind == "bert":
-        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=64, vocab_size=100)
-        return transformers.BertForSequenceClassification(config).eval()
-    if kind == "llama":
-        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-        return transformers.LlamaForCausalLM(config).eval()
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_hf(kind)
 
 
 def _inputs(seed: int = 1) -> torch.Tensor:
