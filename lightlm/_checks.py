@@ -149,3 +149,26 @@ def check_callable(name: str, value: Any) -> Any:
     if not callable(value):
         raise TypeError(f"{name} must be callable, got {type(value).__name__}")
     return value
+
+
+def check_module_names(name: str, value: Any, *, allow_empty: bool = False) -> list[str]:
+    """A module name or an iterable of them (non-empty ``str``), as a list: anything else is a TypeError naming
+    ``name``; an empty list is a ValueError unless ``allow_empty``."""
+    if isinstance(value, str):
+        value = [value]
+    try:
+        value = list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a module name or a list of them, got {type(value).__name__}") from None
+    for entry in value:
+        if not isinstance(entry, str) or not entry:
+            raise TypeError(f"{name} entries must be module names (non-empty str), got {entry!r}")
+    if not value and not allow_empty:
+        raise ValueError(f"{name} must name at least one module")
+    return value
+
+
+def names_module(module_name: str, target: str) -> bool:
+    """PEFT's matching rule: ``target`` names the module ``module_name`` itself or a dotted suffix of it
+    (``"query"`` names ``bert.encoder.layer.0.attention.self.query``, not ``...self.key_query``)."""
+    return module_name == target or module_name.endswith("." + target)

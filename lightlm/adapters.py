@@ -33,7 +33,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_choice, check_int, check_module, check_real
+from ._checks import (check_bool, check_choice, check_int, check_module, check_module_names, check_real,
+                      names_module)
 
 __all__ = ["ACTIVATIONS", "Adapter", "AdaptedOutput", "add_adapters", "bitfit", "freeze_except",
            "trainable_parameters", "trainable_report", "trainable_state_dict"]
@@ -107,26 +108,6 @@ class AdaptedOutput(nn.Module):
         return self.adapter(self.base_layer(*args, **kwargs))
 
 
-def _names(name: str, value) -> list[str]:
-    """A name or a list of names (str), as a list; an empty list is a ValueError."""
-    if isinstance(value, str):
-        value = [value]
-    try:
-        value = list(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a module name or a list of them, got {type(value).__name__}") from None
-    for entry in value:
-        if not isinstance(entry, str) or not entry:
-            raise TypeError(f"{name} entries must be non-empty module names (str), got {entry!r}")
-    if not value:
-        raise ValueError(f"{name} must name at least one module")
-    return value
-
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)                           # PEFT's dotted-suffix rule
-
-
 def _patterns(names: Iterable[str]) -> str:
     """The distinct names with layer indices written N (``encoder.layer.N.output.dense``), for error messages."""
     return ", ".join(sorted({re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", name) for name in names if name}))
@@ -142,7 +123,7 @@ def _find(model: nn.Module, names: list[str], what: str) -> list[str]:
     candidates = [name for name, _ in model.named_modules() if name] + [name for name, _ in model.named_parameters()]
     matched = []
     for target in names:
-        found = [name for name in candidates if _matches(name, target)]
+        found = [name for name in candidates if names_module(name, target)]
         if not found:
             raise ValueError(f"{what} entry {target!r} names no module or parameter of {type(model).__name__}; "
                              f"its modules are: {_patterns(name for name, _ in model.named_modules())}")
@@ -176,14 +157,14 @@ def add_adapters(model: nn.Module, bottleneck: int, target_modules: Iterable[str
     """
     check_module("model", model)
     bottleneck = check_int("bottleneck", bottleneck, min=1)
-    targets = _names("target_modules", target_modules)
+    targets = check_module_names("target_modules", target_modules)
     train_layernorm = check_bool("train_layernorm", train_layernorm)
     check_choice("activation", activation, tuple(ACTIVATIONS))
     check_real("init_std", init_std, min=0)
-    saved = [] if modules_to_save is None else _find(model, _names("modules_to_save", modules_to_save),
+    saved = [] if modules_to_save is None else _find(model, check_module_names("modules_to_save", modules_to_save),
                                                      "modules_to_save")
     saved = _parameters(model, saved)                                               # found before wrapping
-    wrapped = [name for name, _ in model.named_modules() if name and any(_matches(name, t) for t in targets)]
+    wrapped = [name for name, _ in model.named_modules() if name and any(names_module(name, t) for t in targets)]
     if not wrapped:
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         raise ValueError(f"target_modules {targets} match no module of {type(model).__name__}; its Linears are: "
@@ -218,9 +199,9 @@ def bitfit(model: nn.Module, modules_to_save: Iterable[str] | None = None) -> di
     Returns ``{"biases": [names], "trainable": int, "total": int}``.
     """
     check_module("model", model)
-    saved = [] if modules_to_save is None else _find(model, _names("modules_to_save", modules_to_save),
+    saved = [] if modules_to_save is None else _find(model, check_module_names("modules_to_save", modules_to_save),
                                                      "modules_to_save")
-    biases = [name for name, _ in model.named_parameters() if _matches(name, "bias")]
+    biases = [name for name, _ in model.named_parameters() if names_module(name, "bias")]
     if not biases:
         raise ValueError(f"{type(model).__name__} has no bias parameters, and BitFit trains only biases: use "
                          "LoRA (or adapters) for a model without biases such as Llama")
@@ -241,7 +222,7 @@ def freeze_except(model: nn.Module, names: Iterable[str]) -> dict:
     Returns ``{"matched": [names], "trainable": int, "total": int}``.
     """
     check_module("model", model)
-    matched = _find(model, _names("names", names), "names")                      # check all before freezing
+    matched = _find(model, check_module_names("names", names), "names")  # check all before freezing
     model.requires_grad_(False)
     for parameter in _parameters(model, matched):
         parameter.requires_grad_(True)

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_int, check_module, check_real
+from ._checks import check_bool, check_int, check_module, check_real, names_module
 
 __all__ = ["LoRALinear", "add_lora", "lora_layers", "merge_lora", "unmerge_lora", "remove_lora", "lora_settings",
            "matching_names", "lora_param_count"]
@@ -175,7 +175,7 @@ def _matches(name: str, targets: str | list[str]) -> bool:
     """PEFT's rule: a string is a regex for the whole name; a list entry t matches t and names ending in '.t'."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name == target or name.endswith("." + target) for target in targets)
+    return any(names_module(name, target) for target in targets)
 
 
 def matching_names(model: nn.Module, targets: str | Sequence[str]) -> list[str]:

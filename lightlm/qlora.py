@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_bool, check_int, check_module, check_tensor
+from ._checks import check_bool, check_int, check_module, check_module_names, check_tensor, names_module
 from .quant_formats import nf4_dequantize, nf4_quantize
 
 __all__ = ["SCALER_BLOCK", "NF4Linear", "quantize_nf4", "merge_rounding"]
@@ -129,19 +129,6 @@ class NF4Linear(nn.Module):
                 f"block_size={self.block_size}, double_quant={self.double_quant}")
 
 
-def _names(value) -> list[str]:
-    if isinstance(value, str):
-        value = (value,)
-    try:
-        value = list(value)
-    except TypeError:
-        raise TypeError(f"skip must be a list of module names, got {type(value).__name__}") from None
-    for entry in value:
-        if not isinstance(entry, str):
-            raise TypeError(f"skip entries must be module names (str), got {type(entry).__name__}")
-    return value
-
-
 def quantize_nf4(model: nn.Module, skip: Iterable[str] = ("lm_head", "classifier"), block_size: int = 64,
                  double_quant: bool = True) -> dict:
     """Replace every nn.Linear of the model by an :class:`NF4Linear` in place, except those ``skip`` names
@@ -155,13 +142,13 @@ def quantize_nf4(model: nn.Module, skip: Iterable[str] = ("lm_head", "classifier
     """
     if isinstance(check_module("model", model), nn.Linear):
         raise TypeError("model is itself an nn.Linear: quantize it with NF4Linear.from_linear")
-    skip = _names(skip)
+    skip = check_module_names("skip", skip, allow_empty=True)
     block_size = check_int("block_size", block_size, min=2)
     double_quant = check_bool("double_quant", double_quant)
     if block_size % 2:
         raise ValueError(f"block_size must be even (two 4-bit codes per byte), got {block_size}")
     targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
-               and not any(name == s or name.endswith("." + s) for s in skip)]
+               and not any(names_module(name, s) for s in skip)]
     if not targets:
         raise ValueError(f"model ({type(model).__name__}) has no nn.Linear to quantize outside skip={skip}")
     for name in targets:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_bool, check_choice, check_int, check_module, check_tensor
+from ._checks import check_bool, check_choice, check_int, check_module, check_module_names, check_tensor, names_module
 from .quant import dequantize, int_range, observe, pack_int4, qparams, quantize, unpack_int4
 
 __all__ = ["int8_matmul", "quantize_per_row", "dynamic_int8_linear", "QuantLinear", "quantize_model"]
@@ -229,17 +229,9 @@ class QuantLinear(nn.Module):
 
 def _skipped(linears: dict[str, nn.Linear], skip: Iterable[str]) -> set[str]:
     """The Linear names that ``skip`` names (exactly or as a dotted suffix); an entry matching none is an error."""
-    if isinstance(skip, str):
-        skip = (skip,)
-    try:
-        skip = list(skip)
-    except TypeError:
-        raise TypeError(f"skip must be None or a list of module names, got {type(skip).__name__}") from None
     found: set[str] = set()
-    for entry in skip:
-        if not isinstance(entry, str):
-            raise TypeError(f"skip entries must be module names (str), got {type(entry).__name__}")
-        matches = {name for name in linears if name == entry or name.endswith("." + entry)}
+    for entry in check_module_names("skip", skip, allow_empty=True):
+        matches = {name for name in linears if names_module(name, entry)}
         if not matches:
             endings = sorted({name.rsplit(".", 1)[-1] for name in linears})
             raise ValueError(f"skip entry {entry!r} names no nn.Linear of the model; its {len(linears)} Linears "

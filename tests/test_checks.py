@@ -74,3 +74,27 @@ def test_open_and_closed_bounds():
 def test_wrong_type_is_a_type_error_and_wrong_value_a_value_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_check_module_names_takes_a_name_or_a_list_and_names_what_is_wrong():
+    from lightlm._checks import check_module_names
+
+    assert check_module_names("skip", "lm_head") == ["lm_head"]
+    assert check_module_names("skip", ("q_proj", "v_proj")) == ["q_proj", "v_proj"]
+    assert check_module_names("skip", [], allow_empty=True) == []
+    with pytest.raises(ValueError, match="targets must name at least one module"):
+        check_module_names("targets", [])
+    with pytest.raises(TypeError, match="targets must be a module name or a list of them, got int"):
+        check_module_names("targets", 3)
+    with pytest.raises(TypeError, match=r"targets entries must be module names \(non-empty str\), got ''"):
+        check_module_names("targets", ["query", ""])
+
+
+def test_names_module_is_peft_dotted_suffix_rule():
+    from lightlm._checks import names_module
+
+    assert names_module("bert.encoder.layer.0.attention.self.query", "query")
+    assert names_module("query", "query")
+    assert names_module("a.attention.output.dense", "output.dense")
+    assert not names_module("a.self.key_query", "query")  # a suffix of the last name is not a dotted suffix
+    assert not names_module("a.query.lora_A", "query")
