@@ -78,7 +78,8 @@ def test_the_answer_loss_is_the_language_models_cross_entropy_at_the_answer_toke
         ids[row, n:] = 0  # right padding
     targets = torch.tensor([4, 17, 33])
     with torch.no_grad():
-        got = lora_lm._answer_loss(model, (ids, lengths, targets))
+        mask = (torch.arange(9) < lengths[:, None]).long()
+        got = lora_lm._answer_loss(model, (ids, mask, targets))
         expected = sum(-model(ids[row:row + 1, :n]).logits[0, -1].log_softmax(-1)[targets[row]]
                        for row, n in enumerate(lengths)) / 3
     torch.testing.assert_close(got, expected)

@@ -105,36 +105,32 @@ def _answers(model, tokenizer, texts: list[str]) -> list[str]:
 
 
 def _batches(tokenizer, texts: list[str], labels: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded prompts, the index of each answer slot, and the label word's token id per prompt."""
+    """Right-padded prompts, their attention mask, and the label word's token id per prompt."""
+    from ..train import pad
+
     s = SETTINGS
     word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS]
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(s["seed"])).tolist()
     batches = []
     for step in range(s["steps"]):
         rows = order[step * s["batch_size"]:(step + 1) * s["batch_size"]]
-        ids = [tokenizer(INSTRUCTION + prompt_part(texts[i]), add_special_tokens=False)["input_ids"] for i in rows]
-        lengths = torch.tensor([len(seq) for seq in ids])
-        padded = torch.full((len(rows), int(lengths.max())), tokenizer.pad_token_id)
-        for r, seq in enumerate(ids):
-            padded[r, :len(seq)] = torch.tensor(seq)
-        batches.append((padded, lengths, torch.tensor([word_ids[labels[i]] for i in rows])))
+        ids = [torch.tensor(tokenizer(INSTRUCTION + prompt_part(texts[i]), add_special_tokens=False)["input_ids"])
+               for i in rows]
+        batches.append((*pad(ids, tokenizer.pad_token_id), torch.tensor([word_ids[labels[i]] for i in rows])))
     return batches
 
 
 def _answer_loss(model, batch) -> torch.Tensor:
     """Cross-entropy of the label word at each prompt's answer slot (the output layer runs there only)."""
-    ids, lengths, targets = batch
-    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    ids, mask, targets = batch
+    lengths = mask.sum(1)
     hidden = model.model(ids, attention_mask=mask).last_hidden_state
     last = hidden[torch.arange(len(lengths)), lengths - 1]
     return torch.nn.functional.cross_entropy(model.lm_head(last).float(), targets)
 
 
-def _weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
 def _run(base: str, train_texts, train_labels, held, held_labels, staging: Path, progress: bool) -> dict:
+    from ..cost import model_size_bytes
     from ..lora import add_lora, lora_layers, merge_lora
     from ..lora_io import adapter_nbytes, save_adapter
     from ..qlora import merge_rounding, quantize_nf4
@@ -142,10 +138,10 @@ def _run(base: str, train_texts, train_labels, held, held_labels, staging: Path,
 
     s = SETTINGS
     tokenizer, model = zoo.load_smollm2(progress=progress)
-    result = {"bytes_fp32": _weight_bytes(model)}
+    result = {"bytes_fp32": model_size_bytes(model)}
     if base == "nf4":
         quantize_nf4(model, block_size=s["nf4_block"], double_quant=True)
-    result["bytes"] = _weight_bytes(model)
+    result["bytes"] = model_size_bytes(model)
     samples = [held[i] for i in sample_indices(held_labels)]
     before = score(model, tokenizer, held)
     result.update(before=(before == held_labels).float().mean().item(), before_positive=before.float().mean().item(),
