@@ -49,7 +49,7 @@ import importlib
 
 from .train import seed_everything
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 _SUBMODULES = ("adapters", "artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "deploy",
                "distill", "distill_trainer", "exercises", "llama", "llama_blocks", "lora", "lora_io", "lowrank",
                "objectives", "onpolicy", "optim", "plot", "prompting", "prune", "prune_calib", "prune_structured",

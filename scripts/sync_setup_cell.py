@@ -27,7 +27,7 @@ if "google.colab" in sys.modules:
     import subprocess
 
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["lightlm @ git+{url}@{tag}"], check=True)
+    subprocess.run(pip + ["lightlm[deploy] @ git+{url}@{tag}"], check=True)
     import lightlm.zoo
 
     subprocess.run(pip + ["--no-deps", *lightlm.zoo.pip_requirements()], check=True)

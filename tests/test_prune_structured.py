@@ -5,6 +5,8 @@ model are the reference), on tiny BERT and Llama configs and on the real MiniLM 
 import copy
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 
 from lightlm import prune_structured as ps
@@ -263,3 +265,22 @@ def test_lowest_keeps_the_top_units_per_layer_and_breaks_ties_by_index():
         ps.lowest([1.0], keep=1)
     with pytest.raises(TypeError, match="1-D tensor"):
         ps.lowest({0: [1.0, 2.0]}, keep=1)
+
+
+@given(scores=st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=12), min_size=1, max_size=4),
+       keep=st.integers(1, 12))
+def test_lowest_removes_all_but_keep_and_never_keeps_a_lower_score_than_it_removes(scores, keep):
+    tensors = {i: torch.tensor(s, dtype=torch.float32) for i, s in enumerate(scores)}
+    if keep > min(len(s) for s in scores):
+        with pytest.raises(ValueError, match="more than layer"):
+            ps.lowest(tensors, keep)
+        return
+    plan = ps.lowest(tensors, keep)
+    for layer, score in tensors.items():
+        removed = set(plan[layer])
+        kept = [i for i in range(len(score)) if i not in removed]
+        assert len(kept) == keep and plan[layer] == sorted(removed)
+        if removed:
+            worst_kept = min((float(score[i]), -i) for i in kept)
+            best_removed = max((float(score[i]), -i) for i in removed)
+            assert worst_kept > best_removed  # higher score, or equal score and lower index

@@ -121,7 +121,10 @@ def build_student(teacher, weights: dict | None = None, plan: dict | None = None
         prune_structured.prune_neurons(student, {int(k): v for k, v in plan["neurons"].items()})
     student.get_input_embeddings().weight.requires_grad_(False)
     if weights is not None:
-        missing, unexpected = student.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = student.load_state_dict(weights, strict=False)
+        except RuntimeError as error:  # shapes differ: weights of another architecture
+            raise ValueError(f"cached student weights do not fit: {str(error)[:300]}") from None
         if unexpected or missing != [_EMBEDDING]:
             raise ValueError(f"cached student weights do not fit: missing {missing}, unexpected {unexpected}")
     return student.eval()
