@@ -33,6 +33,7 @@ to this script, which asks the Trainer for the CPU (gloo) instead of GPUs (NCCL)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -135,10 +136,13 @@ def train_student(out: str | os.PathLike, *, steps: int = 8, global_batch: int =
     out = Path(out)
     teacher, student = build_models(seed)
     dataset = make_dataset(teacher, examples, seed)
+    # no shuffle: global batch k = examples [kB, (k+1)B) in any run (transformers 5; 4.x has no such option, and
+    # its seeded random sampler hands every run the same global batches too)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    order = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in fields else {}
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=global_batch // world_size, max_steps=steps,
-        learning_rate=lr, optim=optim, lr_scheduler_type="constant", weight_decay=0.0, seed=seed,
-        train_sampling_strategy="sequential",  # no shuffle: global batch k = examples [kB, (k+1)B) in any run
+        learning_rate=lr, optim=optim, lr_scheduler_type="constant", weight_decay=0.0, seed=seed, **order,
         dataloader_drop_last=True, ddp_find_unused_parameters=False, use_cpu=cpu or not torch.cuda.is_available(),
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
     if args.world_size != world_size:  # the processes would train separate copies, not one model
