@@ -38,7 +38,7 @@ import torch
 
 from ._checks import check_bool, check_int, check_real
 
-__all__ = ["Adam", "AdamW", "warmup_cosine", "warmup_cosine_scheduler", "clip_grad_norm"]
+__all__ = ["Adam", "AdamW", "warmup_cosine", "warmup_cosine_scheduler", "warmup_linear_scheduler", "clip_grad_norm"]
 
 
 def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: Any) -> None:
@@ -215,6 +215,20 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
     min_lr_ratio = check_real("min_lr_ratio", min_lr_ratio, min=0, max=1)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, 1.0, min_lr_ratio))
+
+
+def warmup_linear_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                            total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` with linear warm-up, then linear decay to zero: the lr at step s (0, 1, ...) is the group's
+    initial lr times min((s + 1)/w, (T − s)/(T − w)), w = ``warmup_steps`` >= 1, T = ``total_steps`` > w. The
+    first step already trains (at lr/w); the peak is reached at step w − 1 and 0 at step T. The schedule of the
+    book's fine-tuning runs (chapters 7, 12, 13)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _check_schedule(warmup_steps, total_steps)
+    check_int("warmup_steps", warmup_steps, min=1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup_steps, (total_steps - step) / (total_steps - warmup_steps)))
 
 
 def clip_grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:

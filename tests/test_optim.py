@@ -386,3 +386,27 @@ if given is not None:
         torch.testing.assert_close(after, expected, rtol=1e-12, atol=0)
         if norm <= max_norm:
             assert torch.equal(after, before)  # already short enough: untouched (scale exactly 1)
+
+
+def test_warmup_linear_scheduler_steps_an_optimizer_along_the_closed_form():
+    w, T = 3, 10
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": params, "lr": 0.5}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2.0}])
+    scheduler = optim.warmup_linear_scheduler(opt, w, T)
+    # by hand: 1/3, 2/3, 1 during warm-up, then (10 - s)/7 down to 1/7 at step 9 and 0 at step 10
+    expected = [1 / 3, 2 / 3, 1.0, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0.0]
+    for step, factor in enumerate(expected):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * factor, abs=1e-12), step
+        assert opt.param_groups[1]["lr"] == pytest.approx(2.0 * factor, abs=1e-12), step
+        opt.step()
+        scheduler.step()
+
+
+def test_warmup_linear_scheduler_rejects_bad_arguments():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(TypeError, match="optimizer"):
+        optim.warmup_linear_scheduler("adam", 1, 5)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optim.warmup_linear_scheduler(opt, 0, 5)
+    with pytest.raises(ValueError, match="warmup_steps must be < total_steps"):
+        optim.warmup_linear_scheduler(opt, 5, 5)

@@ -37,6 +37,7 @@ from .. import data, distill, lora, lora_io, prune_structured, quant_linear
 from .._cache import ensure, inspect, read_manifest
 from .._checks import check_bool, check_choice, check_int
 from .._packages import versions
+from ..optim import warmup_linear_scheduler
 from ..train import pad, seed_everything, train_loop
 from . import teachers
 
@@ -102,8 +103,7 @@ def _distill(student, ids: list[torch.Tensor], logits: torch.Tensor, steps: int,
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s["lr"], weight_decay=s["weight_decay"])
     warmup = max(1, round(s["warmup"] * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to zero
-        optimizer, lambda step: min((step + 1) / warmup, (steps - step) / (steps - warmup)))
+    schedule = warmup_linear_scheduler(optimizer, warmup, steps)
     started = time.perf_counter()
     losses = train_loop(student, batches(), loss_fn, optimizer, steps=steps, scheduler=schedule,
                         max_grad_norm=s["max_grad_norm"], progress=progress, desc=desc)
@@ -160,8 +160,7 @@ def _adapt(student, tokenizer, seed: int, folder: Path, progress: bool) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a["lr"],
                                   weight_decay=SETTINGS["weight_decay"])
     warmup = max(1, round(SETTINGS["warmup"] * len(train)))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, (len(train) - step) / (len(train) - warmup)))
+    schedule = warmup_linear_scheduler(optimizer, warmup, len(train))
     started = time.perf_counter()
     losses = train_loop(model, train, lambda m, b: m(**b[0], labels=b[1]).loss, optimizer, scheduler=schedule,
                         max_grad_norm=SETTINGS["max_grad_norm"], progress=progress, desc=f"adapt, seed {seed}")

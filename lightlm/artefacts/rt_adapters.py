@@ -39,6 +39,7 @@ from .. import zoo
 from .._cache import ensure, inspect, read_manifest
 from .._checks import check_bool, check_choice
 from .._packages import versions
+from ..optim import warmup_linear_scheduler
 from . import teachers
 
 __all__ = ["SETTINGS", "METHODS", "rt_adapters_path", "rt_adapters_inputs", "make_model", "apply_method",
@@ -153,8 +154,7 @@ def _run(method: str, seed: int, lr: float, texts: dict, keep: Path | None, prog
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=s["weight_decay"])
     warmup = max(1, round(s["warmup"] * len(train)))
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to zero
-        optimizer, lambda step: min((step + 1) / warmup, (len(train) - step) / (len(train) - warmup)))
+    schedule = warmup_linear_scheduler(optimizer, warmup, len(train))
     before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     started = time.perf_counter()
     losses = train_loop(model, train, lambda m, b: m(**b[0], labels=b[1]).loss, optimizer, scheduler=schedule,

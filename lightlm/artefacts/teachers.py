@@ -35,6 +35,7 @@ from .._checks import check_bool
 from .._hf import from_pretrained, quiet_loading
 from .._packages import versions
 from .._pins import FILES
+from ..optim import warmup_linear_scheduler
 from ..train import pad
 
 __all__ = ["SETTINGS", "SPLITS", "SplitOutputs", "rt_teacher_path", "rt_teacher_inputs", "build_rt_teacher",
@@ -102,8 +103,7 @@ def _fine_tune(model, ids: list[torch.Tensor], labels: list[int], progress: bool
     targets = torch.tensor(labels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     warmup = max(1, round(s["warmup"] * len(batches)))
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to zero
-        optimizer, lambda step: min((step + 1) / warmup, (len(batches) - step) / (len(batches) - warmup)))
+    schedule = warmup_linear_scheduler(optimizer, warmup, len(batches))
 
     def loss_fn(model, batch):
         input_ids, mask = pad([ids[i] for i in batch])
