@@ -28,7 +28,9 @@ Four layers; a module imports only from its own layer or the ones above it in th
 2. **Measurement** — :mod:`~lightlm.cost` (parameters, bytes, FLOPs: arithmetic only), :mod:`~lightlm.bench`
    (timing, peak memory, the roofline's peak FLOP/s and bandwidth), :mod:`~lightlm.deploy` (a classifier exported
    to ONNX, run by ONNX Runtime and quantized to int8 there, each step checked; onnx and onnxruntime are imported
-   inside its functions) and :mod:`~lightlm.stats` (standard errors, paired bootstrap, McNemar's test, retention).
+   inside its functions), :mod:`~lightlm.deploy_llm` (a causal LM exported for ONNX Runtime GenAI by its model
+   builder, fp32 or int4, and checked against PyTorch), :mod:`~lightlm.llm_bench` (decoding and prefill tokens/s,
+   greedy tokens, perplexity, for a PyTorch model or an export alike) and :mod:`~lightlm.stats` (standard errors, paired bootstrap, McNemar's test, retention).
 3. **Infrastructure** — :mod:`~lightlm.zoo` (the real models, offline), :mod:`~lightlm.data` (the data sets),
    :mod:`~lightlm.artefacts` (the chapters' cached artefacts, their registry and ``python -m lightlm.zoo warm``),
    and private helpers: ``_pins`` (the pinned packages and file hashes), ``_packages`` (finding and checking
@@ -51,10 +53,10 @@ from .train import seed_everything
 
 __version__ = "0.4.0"
 _SUBMODULES = ("adapters", "artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "deploy",
-               "distill", "distill_trainer", "exercises", "llama", "llama_blocks", "lora", "lora_io", "lowrank",
-               "objectives", "onpolicy", "optim", "plot", "prompting", "prune", "prune_calib", "prune_structured",
-               "qlora", "quant", "quant_formats", "quant_gptq", "quant_linear", "quant_outliers", "reparam",
-               "scaleout", "stats", "train", "transformer", "widgets", "zoo")
+               "deploy_llm", "distill", "distill_trainer", "exercises", "llama", "llama_blocks", "llm_bench",
+               "lora", "lora_io", "lowrank", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
+               "prune_calib", "prune_structured", "qlora", "quant", "quant_formats", "quant_gptq", "quant_linear",
+               "quant_outliers", "reparam", "scaleout", "stats", "train", "transformer", "widgets", "zoo")
 # Where modules of lightlm 0.1 went (``from lightlm import teachers`` keeps working).
 _MOVED = {"teachers": "artefacts.teachers", "lm_cache": "artefacts.lm_cache"}
 __all__ = [*_SUBMODULES, "seed_everything", "setup", "versions", "__version__"]

