@@ -187,15 +187,23 @@ def memory_bandwidth(n_bytes: int = 2**27, *, op: str = "read", repeat: int = 5,
     """Measured memory bandwidth in bytes/s over an fp32 tensor of ``n_bytes``; the memory roof (chapter 1).
 
     ``op="read"``: ``x.sum()`` reads every byte once (``n_bytes`` moved), as a decoding step reads the weights.
+    ``op="matvec"``: ``torch.mv`` of an ``n_bytes`` fp32 matrix (2,048 columns) by a vector, the very operation of
+    a decoding step at batch 1 (``n_bytes`` moved; the vector and the result are negligible).
     ``op="copy"``: ``y.copy_(x)`` reads and writes (``2·n_bytes`` moved). The median of ``repeat`` calls after
     one warm-up. Take ``n_bytes`` well above the last-level cache, or the cache's bandwidth is measured
     instead (the default, 134 MB, is four times a 32 MiB L3). Machine-dependent: print it, never assert it.
     """
     n_bytes = check_int("n_bytes", n_bytes, min=4)
     if not isinstance(op, str):
-        raise TypeError(f"op must be a str, 'read' or 'copy', got {type(op).__name__}")
-    op = check_choice("op", op, ("read", "copy"))
+        raise TypeError(f"op must be a str, 'read', 'matvec' or 'copy', got {type(op).__name__}")
+    op = check_choice("op", op, ("read", "matvec", "copy"))
     device = _device(device)
+    if op == "matvec":
+        if n_bytes < 4 * 2048:
+            raise ValueError(f"n_bytes must hold at least one row of 2,048 fp32 values for op='matvec', got {n_bytes}")
+        matrix, vector = torch.ones(n_bytes // (4 * 2048), 2048, device=device), torch.ones(2048, device=device)
+        return matrix.numel() * 4 / benchmark(lambda: torch.mv(matrix, vector), warmup=1, repeat=repeat,
+                                              device=device).median
     x = torch.ones(n_bytes // 4, device=device)
     if op == "read":
         return x.numel() * 4 / benchmark(x.sum, warmup=1, repeat=repeat, device=device).median

@@ -200,6 +200,12 @@ def test_memory_bandwidth_counts_the_bytes_each_op_moves(monkeypatch, op, moved)
     assert bench.memory_bandwidth(4096, op=op, repeat=3) == pytest.approx(moved * 4096 / 0.25)
 
 
+def test_matvec_bandwidth_counts_whole_rows_of_the_matrix(monkeypatch):
+    monkeypatch.setattr(bench.time, "perf_counter", _Clock(0.25))
+    # 3 rows of 2,048 fp32 values fit in 30,000 bytes: 24,576 bytes are read per call
+    assert bench.memory_bandwidth(30_000, op="matvec", repeat=3) == pytest.approx(3 * 2048 * 4 / 0.25)
+
+
 def test_roofs_measured_on_this_machine_are_positive_and_finite():
     flops, bandwidth = bench.peak_matmul_flops(n=128, repeat=1), bench.memory_bandwidth(2**20, repeat=1)
     assert 0 < flops < float("inf") and 0 < bandwidth < float("inf")
@@ -211,7 +217,8 @@ def test_roofs_measured_on_this_machine_are_positive_and_finite():
         (lambda: bench.peak_matmul_flops(n=0), ValueError, "n must be >= 1, got 0"),
         (lambda: bench.peak_matmul_flops(n=2.5), TypeError, "n must be an int, got float"),
         (lambda: bench.memory_bandwidth(2, repeat=1), ValueError, "n_bytes must be >= 4, got 2"),
-        (lambda: bench.memory_bandwidth(4096, op="write"), ValueError, "op must be one of 'read', 'copy'"),
+        (lambda: bench.memory_bandwidth(4096, op="write"), ValueError, "op must be one of 'read', 'matvec', 'copy'"),
+        (lambda: bench.memory_bandwidth(4096, op="matvec"), ValueError, "at least one row of 2,048"),
         (lambda: bench.memory_bandwidth(4096, op=1), TypeError, "op must be a str"),
         (lambda: bench.peak_matmul_flops(device="tpu"), ValueError, "device must name a device"),
     ],
