@@ -51,7 +51,7 @@ import importlib
 
 from .train import seed_everything
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 _SUBMODULES = ("adapters", "artefacts", "attention", "bench", "bpe", "calibrate", "cost", "data", "deploy",
                "deploy_llm", "distill", "distill_trainer", "exercises", "llama", "llama_blocks", "llm_bench",
                "lora", "lora_io", "lowrank", "objectives", "onpolicy", "optim", "plot", "prompting", "prune",
