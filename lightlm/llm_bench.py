@@ -48,9 +48,17 @@ def _genai_generator(model: ExportedLLM, length: int):
     return og.Generator(model.genai_model(), params)
 
 
+def _end_of_text(model: torch.nn.Module) -> list[int]:
+    config = getattr(model, "generation_config", None) or getattr(model, "config", None)
+    ids = getattr(config, "eos_token_id", None)
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 @torch.no_grad()
 def _run(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
-    """One greedy run: (prefill seconds, seconds of the ``new_tokens`` decode steps, the tokens generated)."""
+    """One greedy run: (prefill seconds, seconds of the ``new_tokens`` decode steps, the tokens generated). End of
+    text is never chosen, so every run makes exactly ``new_tokens`` tokens (ONNX Runtime GenAI with ``min_length``
+    suppresses it the same way, as does transformers' ``generate`` with ``min_new_tokens``)."""
     if isinstance(model, ExportedLLM):
         generator = _genai_generator(model, prompt.shape[1] + new_tokens)
         start = time.perf_counter()
@@ -58,16 +66,23 @@ def _run(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, li
         prefilled = time.perf_counter()
         while not generator.is_done():
             generator.generate_next_token()
-        return prefilled - start, time.perf_counter() - prefilled, [int(t) for t in generator.get_sequence(0)[prompt.shape[1]:]]
-    prompt = prompt.to(_device(model))
+        decoded = time.perf_counter() - prefilled
+        return prefilled - start, decoded, [int(t) for t in generator.get_sequence(0)[prompt.shape[1]:]]
+    prompt, banned = prompt.to(_device(model)), _end_of_text(model)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, -1:].clone()
+        logits[..., banned] = float("-inf")
+        return logits.argmax(-1)
+
     start = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
-    token, tokens = out.logits[:, -1:].argmax(-1), []
+    token, tokens = choose(out.logits), []
     prefilled = time.perf_counter()
     for _ in range(new_tokens):
         tokens.append(int(token))
         out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
+        token = choose(out.logits)
     return prefilled - start, time.perf_counter() - prefilled, tokens
 
 
@@ -95,7 +110,8 @@ def prefill_speed(model, prompt_ids: torch.Tensor, *, repeats: int = 3, warmup: 
 
 
 def greedy(model, prompt_ids: torch.Tensor, new_tokens: int = 32) -> list[int]:
-    """The ``new_tokens`` tokens greedy decoding appends to the prompt (no stop at end-of-text)."""
+    """The ``new_tokens`` tokens greedy decoding appends to the prompt (end of text is never chosen, as with
+    ``generate(..., min_new_tokens=new_tokens)``)."""
     _check_model(model)
     return _run(model, _prompt(prompt_ids), check_int("new_tokens", new_tokens, min=1))[2]
 

@@ -20,7 +20,7 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=True, initializer_range=0.1)
     return LlamaForCausalLM(config).eval()
@@ -62,7 +62,7 @@ def test_a_gptq_checkpoint_goes_through_the_builder_unchanged(tmp_path, monkeypa
                                              "sym": False}
     exported = deploy_llm.export_llm(tmp_path / "checkpoint", tmp_path / "export", "int4", reference=model)
     graph = onnx.load(str(exported.path / "model.onnx"))
-    initializers = {t.name: t for t in graph.initializer}
+    initializers = {t.name: t for t in graph.graph.initializer}
     layer = model.model.layers[1]
     nodes = {n.name: n for n in graph.graph.node if n.op_type == "MatMulNBits"}
     down = next(node for name, node in nodes.items() if "layers.1/mlp/down_proj" in name)
@@ -93,7 +93,8 @@ def test_cached_exports_agree_with_the_eager_model(runtime, smollm2):
         expected = model(input_ids=windows).logits
     torch.testing.assert_close(runtime["exports"]["fp32"].logits(windows), expected, atol=1e-3, rtol=1e-4)
     table = quantized_lm.load_quantized_lm(progress=False)  # chapter 10's perplexity of the same model
-    assert runtime["perplexity"]["eager fp32"] == pytest.approx(table["dense"], rel=1e-6)
+    # the same windows and model; the two sums differ in float rounding only (fp32 vs float64 log-softmax, batches)
+    assert runtime["perplexity"]["eager fp32"] == pytest.approx(table["dense"], rel=1e-5)
     assert runtime["perplexity"]["runtime fp32"] == pytest.approx(table["dense"], rel=1e-5)
     for name, check in runtime["checks"].items():
         assert check["top1"] >= check["bounds"]["min_top1"] and check["kl"] <= check["bounds"]["max_kl"], name
