@@ -73,6 +73,14 @@ def test_a_gptq_checkpoint_goes_through_the_builder_unchanged(tmp_path, monkeypa
     torch.testing.assert_close(_matmulnbits_weight(graph, initializers, qkv), stacked, rtol=1e-3, atol=1e-4)
 
 
+def test_registered_after_what_it_reads():
+    from lightlm import artefacts
+
+    order = list(artefacts.ARTEFACTS)
+    assert artefacts.ARTEFACTS["llm-runtime"][1] == (llm_runtime.llm_runtime_path().name,)
+    assert order.index("llm-runtime") > max(order.index("smollm2"), order.index("lm-cache"))
+
+
 def test_eager_variant_refuses_unknown_rows():
     with pytest.raises(ValueError, match="eager fp32"):
         llm_runtime.eager_variant(torch.nn.Linear(2, 2), "eager fp16")
