@@ -133,7 +133,7 @@ def score(model, windows: torch.Tensor, batch_size: int = 16) -> dict:
         else:
             batch = batch.to(_device(model))
             logits = model(input_ids=batch).logits
-        log_p = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+        log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         nll = -log_p.gather(-1, batch[:, 1:, None])[..., 0]
         total, count = total + nll.sum().item(), count + nll.numel()
         argmax.append(log_p.argmax(-1).cpu())

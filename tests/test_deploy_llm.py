@@ -4,6 +4,7 @@ transformers' ``generate``, perplexity against ``F.cross_entropy``, bytes agains
 checkpoint layout against the model builder's own unpacking code, and every error path. No timing is asserted."""
 
 import json
+import math
 import shutil
 import string
 import sys
@@ -201,9 +202,14 @@ def test_perplexity_against_cross_entropy(model, fp32):
     windows = _ids(3, (5, 12))
     with torch.no_grad():
         logits = model(input_ids=windows).logits
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), windows[:, 1:].reshape(-1))
+    flat_logits, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)
     scored = llm_bench.score(model, windows, batch_size=2)
-    assert scored["perplexity"] == pytest.approx(expected.exp().item(), rel=1e-9)
+    # the same fp32 arithmetic (log-softmax, then the target's entry), summed batch by batch: equal to rounding
+    nll = F.cross_entropy(flat_logits, targets, reduction="none").reshape(5, 11)
+    total = sum(nll[first:first + 2].sum().item() for first in range(0, 5, 2))
+    assert scored["perplexity"] == pytest.approx(math.exp(total / nll.numel()), rel=1e-12)
+    # and the float64 value, to fp32 log-softmax rounding (about 1e-7 relative per token)
+    assert scored["perplexity"] == pytest.approx(F.cross_entropy(flat_logits.double(), targets).exp().item(), rel=1e-5)
     assert torch.equal(scored["argmax"], logits[:, :-1].argmax(-1))
     assert llm_bench.perplexity(fp32, windows, batch_size=5) == pytest.approx(scored["perplexity"], rel=1e-5)
 

@@ -41,7 +41,7 @@ from ..quant_gptq import gptq_checkpoint_tensors, gptq_sequential, rtn_quantize
 __all__ = ["SETTINGS", "EXPORTS", "llm_runtime_path", "llm_runtime_inputs", "build_llm_runtime", "load_llm_runtime",
            "eager_variant", "warm_llm_runtime"]
 
-SETTINGS = {"version": 2, "gptq": {"bits": 4, "group_size": 64, "symmetric": False, "n_calibration": 256,
+SETTINGS = {"version": 3, "gptq": {"bits": 4, "group_size": 64, "symmetric": False, "n_calibration": 256,
                                    "blocksize": 128, "damp": 0.01},
             "torchao_int4_group": 32, "eval_batch": 16, "prompt": "The printing press changed Europe because",
             "greedy_tokens": 32}

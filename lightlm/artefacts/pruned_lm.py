@@ -29,6 +29,7 @@ from .._checks import check_bool, check_choice, check_module, check_tensor
 from .._packages import versions
 from ..prune import magnitude_mask, nm_mask
 from ..calibrate import StopForward, run_batch
+from ..llm_bench import perplexity
 from ..prune_calib import prune_sequential
 from ..prune_structured import transformer_layers
 
@@ -122,14 +123,9 @@ def prune_lm(model: nn.Module, calibration_ids: torch.Tensor | None, method: str
 
 @torch.inference_mode()
 def heldout_perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 32) -> float:
-    """exp(mean negative log-likelihood of every next token) over windows ``ids`` (n, seq)."""
-    total, count = 0.0, 0
-    for first in range(0, len(ids), batch_size):
-        batch = ids[first:first + batch_size].long()
-        log_p = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
-        nll = -log_p.gather(-1, batch[:, 1:, None])[..., 0]
-        total, count = total + nll.sum().item(), count + nll.numel()
-    return float(torch.tensor(total / count, dtype=torch.float64).exp())
+    """exp(mean negative log-likelihood of every next token) over windows ``ids`` (n, seq):
+    :func:`lightlm.llm_bench.perplexity`, the one implementation the chapters share."""
+    return perplexity(model, ids, batch_size)
 
 
 def _linear_sparsity(model: nn.Module) -> float:
